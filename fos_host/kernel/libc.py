@@ -77,6 +77,6 @@ def pivot_root(new_root: str, put_old: str) -> None:
     )
 
 
-def syscall(nr: int, *args: int | bytes | ctypes.c_void_p | None) -> int:
+def syscall(nr: int, *args: object) -> int:
     """Raw syscall(2); returns the result or -1 with ctypes errno set (caller checks)."""
     return int(_libc.syscall(nr, *args))

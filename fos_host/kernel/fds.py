@@ -1,0 +1,56 @@
+"""File descriptors: what crosses into a sandbox, and nothing else.
+
+Child half: `install_fds` moves the passed fds onto their target numbers (3, 4, … or as
+asked) and closes every other fd; the kept ones lose FD_CLOEXEC so they survive an exec.
+Host half: `send_fds` / `recv_fds` with SCM_RIGHTS over a SEQPACKET socket, and
+`open_fd_count` for leak checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+from fos_host.errors import StepError
+
+
+def install_fds(mapping: dict[int, int], keep_cloexec: tuple[int, ...] = ()) -> None:
+    """Make fd `target` a copy of `source` for each pair; close every fd that is not a
+    target, stdio or in `keep_cloexec` (which stay close-on-exec)."""
+    # First lift every source out of the target range, so no dup2 clobbers a later source.
+    top = max([*mapping.keys(), *mapping.values(), *keep_cloexec, 2]) + 1
+    lifted = {t: os.dup2(s, top + i, inheritable=False) for i, (t, s) in enumerate(mapping.items())}
+    for target, src in lifted.items():
+        try:
+            os.dup2(src, target, inheritable=True)
+        except OSError as e:
+            raise StepError("pass fd", e.errno or 0, f"{src} -> {target}") from e
+    keep = {0, 1, 2, *mapping.keys(), *keep_cloexec}
+    for fd in _open_fds():
+        if fd not in keep:
+            with contextlib.suppress(OSError):  # the listing's own fd is already gone
+                os.close(fd)
+
+
+def _open_fds() -> list[int]:
+    return [int(n) for n in os.listdir("/proc/self/fd")]
+
+
+def open_fd_count() -> int:
+    return len(os.listdir("/proc/self/fd")) - 1
+
+
+def send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    socket.send_fds(sock, [data], fds)
+
+
+def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """Receive one message; fds beyond `maxfds` or a truncated control message raise after
+    closing whatever arrived, so nothing leaks."""
+    data, fds, flags, _ = socket.recv_fds(sock, bufsize, maxfds)
+    if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise OSError("message or its file descriptors were truncated")
+    return data, fds

@@ -1,0 +1,68 @@
+"""Process attributes: rlimits, parent-death signal, session, child subreaper, pidfds.
+
+Child half: `set_rlimits` (no core dumps, bounded open files), `die_with_parent`,
+`new_session` (so `kill(0, …)` inside cannot reach the host's process group).
+Host half: `become_subreaper` (orphaned sandboxes are reparented to the host, which reaps
+them and reads their exit status), `pidfd_open`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+
+import prctl
+
+from fos_host.errors import StepError
+
+NOFILE = 1024
+
+
+def set_rlimits(nofile: int = NOFILE) -> None:
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+    except (OSError, ValueError) as e:
+        raise StepError("setrlimit", getattr(e, "errno", 0) or 0, str(e)) from e
+
+
+def set_name(name: str) -> None:
+    """The comm name (15 bytes) that ps and the kernel's logs show."""
+    prctl.set_name(name[:15])
+
+
+def die_with_parent() -> None:
+    try:
+        prctl.set_pdeathsig(signal.SIGKILL)
+    except OSError as e:
+        raise StepError("PR_SET_PDEATHSIG", e.errno or 0) from e
+
+
+def new_session() -> None:
+    try:
+        os.setsid()
+    except OSError as e:
+        raise StepError("setsid", e.errno or 0) from e
+
+
+def become_subreaper() -> None:
+    prctl.set_child_subreaper(1)
+
+
+def pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
+def reset_signals_for_exec() -> None:
+    """Ignored dispositions survive exec: give the workload the defaults (as subprocess's
+    restore_signals does — CPython ignores SIGPIPE and SIGXFSZ, the zygote SIGINT)."""
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def reset_signals_for_python() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -1,0 +1,285 @@
+"""The handle of a running sandbox, its exit status, and the `Spawner` that makes them.
+
+    with Spawner(zygote=True) as sp:
+        with sp.spawn(Jail("renderer").memory("64M"), entry="fos_host.probe:main") as sb:
+            status = sb.wait()
+            print(status.describe())   # e.g. "out of memory at the 64 MB limit"
+
+A `Spawner` is the host side of every sandbox: it is a child subreaper (so it reaps its
+sandboxes), owns the host's cgroup directory (stale ones of a SIGKILLed host are removed when
+it opens), hands out one unprivileged host uid per sandbox when root, and compiles each
+seccomp policy once. Closing it kills and removes whatever is still running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import signal
+from dataclasses import dataclass
+from types import TracebackType
+
+from fos_host.errors import ConfigError, FosError
+from fos_host.kernel import cgroup, proc, seccomp
+from fos_host.kernel.cgroup import Cgroup, HostCgroups, Limits
+from fos_host.kernel.mounts import check_binds
+from fos_host.kernel.namespaces import IdMap
+from fos_host.sandbox.jail import Jail
+from fos_host.sandbox.seccomp_policy import load_policy
+from fos_host.sandbox.spawn import Launched, LaunchError, Plan, launch
+from fos_host.sandbox.zygote import Zygote
+
+log = logging.getLogger(__name__)
+
+UID_BASE = 300000
+UID_COUNT = 65536
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int | None  # exit status, when it exited
+    signal: int | None  # terminating signal, when killed
+    oom_kills: int  # OOM kills inside its cgroup
+    memory_limit: int | None
+    seccomp_syscall: str | None  # the refused syscall, when killed by seccomp and known
+
+    @property
+    def returncode(self) -> int:
+        """As a shell reports it: the exit status, or 128 + signal."""
+        return self.code if self.code is not None else 128 + (self.signal or 0)
+
+    def describe(self) -> str:
+        limit = (
+            f" at the {cgroup.format_size(self.memory_limit)} limit" if self.memory_limit else ""
+        )
+        if self.signal == signal.SIGKILL and self.oom_kills:
+            return f"out of memory{limit}"
+        if self.signal == signal.SIGSYS:
+            if self.seccomp_syscall:
+                return f"killed by seccomp on syscall {self.seccomp_syscall}"
+            return "killed by seccomp (SIGSYS); rerun with --seccomp-learn to see the syscall"
+        if self.signal is not None:
+            return f"killed by signal {signal.Signals(self.signal).name}"
+        text = f"exited with status {self.code}"
+        if self.oom_kills:
+            text += f" after {self.oom_kills} out-of-memory kill(s){limit}"
+        return text
+
+
+class Sandbox:
+    """A running sandbox. Context manager: leaving it kills, reaps and removes everything."""
+
+    def __init__(
+        self, spawner: Spawner, launched: Launched, cg: Cgroup | None, ids: IdMap, limits: Limits
+    ) -> None:
+        self.pid = launched.pid
+        self.pidfd = proc.pidfd_open(self.pid)
+        self.cgroup = cg
+        self.ids = ids
+        self.limits = limits
+        self.learner = (
+            seccomp.Learner(launched.notify_fd) if launched.notify_fd is not None else None
+        )
+        self._spawner = spawner
+        self._status: ExitStatus | None = None
+
+    @property
+    def host_uid(self) -> int:
+        return self.ids.host_uid
+
+    def poll(self) -> ExitStatus | None:
+        if self._status is None:
+            self._serve_learner(0)
+            if select.select([self.pidfd], [], [], 0)[0]:
+                self._reap()
+        return self._status
+
+    def wait(self, timeout: float | None = None) -> ExitStatus:
+        """Wait for the end; serves learn-mode notifications meanwhile. TimeoutError if
+        it is still running after `timeout` seconds."""
+        while self._status is None:
+            ready = self._serve_learner(timeout)
+            if self.pidfd in ready:
+                self._reap()
+            elif not ready:
+                raise TimeoutError(f"sandbox {self.pid} still running after {timeout} s")
+        return self._status
+
+    def _serve_learner(self, timeout: float | None) -> list[int]:
+        watch = [self.pidfd] + ([self.learner.fileno()] if self.learner else [])
+        ready = select.select(watch, [], [], timeout)[0]
+        if self.learner and self.learner.fileno() in ready:
+            self.learner.handle_one()
+        return ready
+
+    def _reap(self) -> None:
+        _, status = os.waitpid(self.pid, 0)
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        oom = self.cgroup.stats().oom_kills if self.cgroup else 0
+        syscall = None
+        if sig == signal.SIGSYS:
+            syscall = seccomp.killed_syscall(self.pid, self.ids.host_uid)
+        self._status = ExitStatus(code, sig, oom, self.limits.memory_max, syscall)
+
+    def kill(self) -> None:
+        if self._status is not None:
+            return
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        else:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._status is None:
+            self.kill()
+            self.wait()
+        if self.learner:
+            self.learner.close()
+            self.learner = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+        self._spawner._forget(self)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Spawner:
+    """The host side of every sandbox. Use as a context manager."""
+
+    def __init__(
+        self, *, zygote: bool = False, uid_base: int = UID_BASE, uid_count: int = UID_COUNT
+    ) -> None:
+        self._want_zygote = zygote
+        self.zygote: Zygote | None = None
+        self._uid_base, self._uid_count = uid_base, uid_count
+        self._next_uid = random.randrange(uid_count)
+        self._live: dict[int, Sandbox] = {}
+        self._cgroups: HostCgroups | None = None
+        self._cgroup_error: ConfigError | None = None
+        self._serial = 0
+
+    def __enter__(self) -> Spawner:
+        proc.become_subreaper()
+        try:
+            self._cgroups = cgroup.detect().open_host()
+        except ConfigError as e:  # e.g. rootless without a delegated cgroup
+            self._cgroup_error = e
+            log.warning("sandboxes run without a cgroup of their own: %s", e)
+        if self._want_zygote:
+            self.zygote = Zygote.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for sb in list(self._live.values()):
+            sb.close()
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
+        if self._cgroups is not None:
+            self._cgroups.close()
+            self._cgroups = None
+
+    def _ids(self) -> IdMap:
+        if os.geteuid() != 0:
+            return IdMap(os.geteuid(), os.getegid())
+        used = {sb.ids.host_uid for sb in self._live.values()}
+        for _ in range(self._uid_count):
+            uid = self._uid_base + self._next_uid
+            self._next_uid = (self._next_uid + 1) % self._uid_count
+            if uid not in used:
+                return IdMap(uid, uid)
+        raise FosError(f"all {self._uid_count} sandbox uids are in use")
+
+    def _cgroup(self, limits: Limits) -> Cgroup | None:
+        self._serial += 1
+        if self._cgroups is None:
+            if limits != Limits():
+                assert self._cgroup_error is not None
+                raise self._cgroup_error
+            return None
+        return self._cgroups.create(f"sb-{self._serial}", limits)
+
+    def plan(
+        self,
+        jail: Jail,
+        *,
+        argv: list[str] | None = None,
+        entry: str | None = None,
+        args: tuple[str, ...] = (),
+    ) -> Plan:
+        """Check the jail and compile its policy; no process or cgroup is made here."""
+        if (argv is None) == (entry is None):
+            raise ConfigError("give either a command to exec or a Python entry point")
+        if argv is not None and not argv:
+            raise ConfigError("no command given")
+        bpf = None
+        if jail.profile != "none":
+            bpf = seccomp.compile_bpf(load_policy(jail.profile), learn=jail.learn)
+        return Plan(
+            binds=check_binds(jail.all_binds(), jail.tmpfs_dirs),
+            tmpfs=list(jail.tmpfs_dirs),
+            hostname=jail.host_name,
+            isolate_net=jail.network == "none",
+            ids=IdMap(0, 0),
+            procs_files=[],
+            env=dict(jail.environ),
+            fd_targets=list(jail.fds),
+            bpf=bpf,
+            learn=jail.learn,
+            argv=argv,
+            entry=entry,
+            entry_args=list(args),
+        )
+
+    def spawn(
+        self,
+        jail: Jail,
+        *,
+        argv: list[str] | None = None,
+        entry: str | None = None,
+        args: tuple[str, ...] = (),
+    ) -> Sandbox:
+        plan = self.plan(jail, argv=argv, entry=entry, args=args)
+        plan.ids = self._ids()
+        cg = self._cgroup(jail.limits)
+        plan.procs_files = cg.procs_files() if cg else []
+        try:
+            launcher = self.zygote.launch if self.zygote else launch
+            launched = launcher(plan, list(jail.fds.values()))
+        except LaunchError as e:
+            if e.pid is not None:
+                os.waitpid(e.pid, 0)
+            if cg is not None:
+                cg.remove()
+            raise
+        except BaseException:
+            if cg is not None:
+                cg.remove()
+            raise
+        sb = Sandbox(self, launched, cg, plan.ids, jail.limits)
+        self._live[sb.pid] = sb
+        log.debug(
+            "sandbox pid=%d uid=%d cgroup=%s", sb.pid, plan.ids.host_uid, cg.name if cg else None
+        )
+        return sb
+
+    def _forget(self, sb: Sandbox) -> None:
+        self._live.pop(sb.pid, None)

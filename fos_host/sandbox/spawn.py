@@ -1,0 +1,257 @@
+"""The spawn sequence, read top to bottom.
+
+Three processes take part (KERNEL_NOTES "Spawning a sandboxed process"):
+
+  launcher (host or zygote)      M (middle, short-lived)   G (the sandbox, pid 1)
+  fork M ──────────────────────▶ drop_groups
+                                 join cgroups
+                                 unshare(user…cgroup)
+  write setgroups, id maps ◀──── "U"
+  "M" ─────────────────────────▶ fork G ──────────────────▶ wait for M to exit
+  reap M                   ◀──── "P<pid of G>", exit        die_with_parent
+                                                            make_private, open_sources
+                                                            become_root, build_root,
+                                                            pivot, seal_root, hostname,
+                                                            lo up, setsid, rlimits,
+                                                            close fds, drop caps + NNP,
+                                                            seccomp (last)
+  read G's status channel  ◀─────────────────────────────── EOF (exec/entry) or "E<why>"
+
+The host is a child subreaper, so when M exits G becomes the host's child: the host reaps G
+and reads its exit status, whether the launcher was the host itself or the zygote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from fos_host.errors import FosError, StepError
+from fos_host.kernel import caps, cgroup, fds, mounts, namespaces, netns, proc, seccomp
+from fos_host.kernel.mounts import Bind
+from fos_host.kernel.namespaces import IdMap
+
+STATUS_MAX = 65536
+
+
+@dataclass
+class Plan:
+    """Everything the launcher and the child need, as plain data (crosses to the zygote)."""
+
+    binds: list[Bind]
+    tmpfs: list[str]
+    hostname: str
+    isolate_net: bool
+    ids: IdMap
+    procs_files: list[str]
+    env: dict[str, str]
+    fd_targets: list[int]  # the n-th passed fd becomes this fd number in the sandbox
+    bpf: bytes | None
+    learn: bool
+    argv: list[str] | None = None  # exec this …
+    entry: str | None = None  # … or call "module:function" (zygote path)
+    entry_args: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["bpf"] = self.bpf.hex() if self.bpf is not None else None
+        return json.dumps(d).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Plan:
+        d = json.loads(raw)
+        d["binds"] = [Bind(**b) for b in d["binds"]]
+        d["ids"] = IdMap(**d["ids"])
+        d["bpf"] = bytes.fromhex(d["bpf"]) if d["bpf"] is not None else None
+        return cls(**d)
+
+
+@dataclass
+class Launched:
+    pid: int  # G, in the launcher's pid namespace; the host's child once M is reaped
+    notify_fd: int | None  # learn mode: the seccomp user-notification fd
+
+
+class LaunchError(FosError):
+    """A step failed; `pid` is G's pid when G was forked (the host must reap it).
+    Exit code as a shell's: 127 when the command could not be executed, else 2."""
+
+    def __init__(self, message: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exit_code = 127 if message.startswith("exec ") else 2
+
+
+# -- launcher (host or zygote) -----------------------------------------------------------
+
+
+def launch(plan: Plan, pass_fds: list[int]) -> Launched:
+    sync, sync_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    status, status_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        mid = os.fork()
+        if mid == 0:
+            _run_child(lambda: _middle(plan, sync_child, status_child, pass_fds), sync_child)
+        sync_child.close()
+        status_child.close()
+        g_pid = _handshake(sync, mid, plan.ids)
+        return _await_status(status, g_pid, plan.learn)
+    finally:
+        for s in (sync, sync_child, status, status_child):
+            s.close()
+
+
+def _handshake(sync: socket.socket, mid: int, ids: IdMap) -> int:
+    try:
+        msg = sync.recv(STATUS_MAX)
+        if msg == b"U":
+            namespaces.write_id_maps(mid, ids)
+            sync.send(b"M")
+            msg = sync.recv(STATUS_MAX)
+    except (StepError, OSError) as e:
+        os.kill(mid, 9)
+        os.waitpid(mid, 0)
+        raise LaunchError(str(e), None) from e
+    os.waitpid(mid, 0)
+    if msg.startswith(b"P"):
+        return int(msg[1:])
+    raise LaunchError(_why(msg, "the middle process died"), None)
+
+
+def _await_status(status: socket.socket, g_pid: int, learn: bool) -> Launched:
+    notify_fd = None
+    while True:
+        msg, got, _, _ = socket.recv_fds(status, STATUS_MAX, 1)
+        if got and notify_fd is None and learn:
+            notify_fd = got[0]
+        else:
+            for fd in got:
+                os.close(fd)
+        if msg == b"L":
+            continue
+        if msg == b"":
+            return Launched(g_pid, notify_fd)
+        if notify_fd is not None:
+            os.close(notify_fd)
+        raise LaunchError(_why(msg, "the sandbox died during set-up"), g_pid)
+
+
+def _why(msg: bytes, default: str) -> str:
+    return msg[1:].decode(errors="replace") if msg.startswith(b"E") else default
+
+
+def _run_child(body: Callable[[], None], report: socket.socket) -> None:
+    """Run a forked child's body; any failure is reported as one line, then _exit(127)."""
+    try:
+        body()
+    except BaseException as e:
+        text = str(e) if isinstance(e, FosError) else f"{type(e).__name__}: {e}"
+        with contextlib.suppress(OSError):
+            report.send(b"E" + text.encode(errors="replace")[: STATUS_MAX - 1])
+        os._exit(127)
+    os._exit(0)
+
+
+# -- M: the middle process ---------------------------------------------------------------
+
+
+def _middle(plan: Plan, sync: socket.socket, status: socket.socket, pass_fds: list[int]) -> None:
+    proc.die_with_parent()
+    namespaces.drop_groups()
+    cgroup.join(plan.procs_files)
+    flags = namespaces.ALL_SANDBOX
+    if not plan.isolate_net:
+        flags &= ~namespaces.CLONE_NEWNET
+    namespaces.unshare(flags)
+    sync.send(b"U")
+    if sync.recv(16) != b"M":
+        raise StepError("wait for id maps", 0, "the launcher went away")
+    m_alive_r, m_alive_w = os.pipe()
+    g_pid = os.fork()
+    if g_pid == 0:
+        os.close(m_alive_w)
+        _run_child(lambda: _contain(plan, status, m_alive_r, pass_fds), status)
+    sync.send(b"P%d" % g_pid)
+
+
+# -- G: the sandbox ----------------------------------------------------------------------
+
+
+def _contain(plan: Plan, status: socket.socket, m_alive: int, pass_fds: list[int]) -> None:
+    _wait_for_middle_exit(m_alive)
+    proc.die_with_parent()
+    mounts.make_private()
+    sources = mounts.open_sources(plan.binds)
+    namespaces.become_root()
+    root = mounts.build_root(plan.binds, sources, plan.tmpfs)
+    mounts.pivot(root)
+    mounts.seal_root()
+    namespaces.set_hostname(plan.hostname)
+    if plan.isolate_net:
+        netns.loopback_up()
+    proc.new_session()
+    proc.set_rlimits()
+    fds.install_fds(dict(zip(plan.fd_targets, pass_fds, strict=True)), (status.fileno(),))
+    caps.drop_all()
+    if plan.bpf is not None:
+        _load_seccomp(plan, status)
+    _enter_workload(plan, status)
+
+
+def _wait_for_middle_exit(m_alive: int) -> None:
+    """PDEATHSIG fires when the *parent* exits: set it only once M is gone (EOF here)."""
+    while os.read(m_alive, 1):
+        pass
+    os.close(m_alive)
+
+
+def _load_seccomp(plan: Plan, status: socket.socket) -> None:
+    assert plan.bpf is not None
+    notify_fd = seccomp.install_filter(plan.bpf, listener=plan.learn)
+    if notify_fd is not None:
+        socket.send_fds(status, [b"L"], [notify_fd])
+        os.close(notify_fd)
+
+
+def _fresh_stdio() -> None:
+    """The launcher's sys.stdout & co. may be anything (a test runner's capture object):
+    the workload's are fds 0, 1, 2."""
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - lives as long as the process
+    sys.stdout = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
+
+
+def _enter_workload(plan: Plan, status: socket.socket) -> None:
+    if plan.argv is not None:
+        proc.reset_signals_for_exec()
+        try:
+            os.execvpe(plan.argv[0], plan.argv, plan.env)
+        except OSError as e:
+            raise StepError(f"exec {plan.argv[0]}", e.errno or 0) from e
+    assert plan.entry is not None
+    proc.reset_signals_for_python()
+    proc.set_name("fos-" + plan.entry.partition(":")[0].rpartition(".")[2])
+    _fresh_stdio()
+    os.environ.clear()
+    os.environ.update(plan.env)
+    module, _, func = plan.entry.partition(":")
+    target = getattr(importlib.import_module(module), func)
+    status.close()  # EOF: set-up is done
+    code = 1
+    try:
+        code = int(target(*plan.entry_args) or 0)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

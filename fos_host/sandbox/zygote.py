@@ -1,0 +1,102 @@
+"""The zygote: a long-lived, single-threaded, preloaded process that forks every sandbox.
+
+Children are never exec'd for Python workloads: they start with the interpreter and the
+preloaded modules already in memory, shared copy-on-write (`gc.freeze()` before forking keeps
+the collector from touching — and so copying — the inherited objects).
+
+Wire: one SEQPACKET socketpair. Request = a `Plan` as JSON with the fds to pass
+(SCM_RIGHTS). Reply = JSON {"pid": G} or {"error": why, "pid": G-or-null}, plus the seccomp
+notification fd in learn mode. The zygote forks one sandbox at a time, so it never needs a
+thread; it exits when the host closes its end, and dies with the host (PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import json
+import os
+import signal
+import socket
+
+from fos_host.errors import FosError
+from fos_host.kernel import fds as kfds
+from fos_host.kernel import proc
+from fos_host.sandbox.spawn import Launched, LaunchError, Plan, launch
+
+MAX_REQUEST = 1 << 20
+MAX_FDS = 64
+PRELOAD = ("json", "asyncio", "socket", "fos_host.probe")
+
+
+class Zygote:
+    """Host half: start it, ask it to launch plans, close it."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+
+    @classmethod
+    def start(cls, preload: tuple[str, ...] = PRELOAD) -> Zygote:
+        host_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                host_end.close()
+                _serve(zygote_end, preload)
+            finally:
+                os._exit(1)
+        zygote_end.close()
+        return cls(pid, host_end)
+
+    def launch(self, plan: Plan, pass_fds: list[int]) -> Launched:
+        try:
+            kfds.send_fds(self._sock, plan.to_json(), pass_fds)
+            raw, got = kfds.recv_fds(self._sock, MAX_REQUEST, 1)
+        except OSError as e:
+            raise FosError(f"the zygote is gone: {e}") from e
+        if not raw:
+            raise FosError("the zygote is gone (it closed its socket)")
+        reply = json.loads(raw)
+        if "error" in reply:
+            for fd in got:
+                os.close(fd)
+            raise LaunchError(reply["error"], reply["pid"])
+        return Launched(reply["pid"], got[0] if got else None)
+
+    def close(self) -> None:
+        self._sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _serve(sock: socket.socket, preload: tuple[str, ...]) -> None:
+    proc.die_with_parent()
+    proc.set_name("fos-zygote")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the host's to handle
+    kfds.install_fds({}, (sock.fileno(),))
+    for name in preload:
+        importlib.import_module(name)
+    gc.freeze()
+    while True:
+        try:
+            raw, got = kfds.recv_fds(sock, MAX_REQUEST, MAX_FDS)
+        except OSError:
+            return
+        if not raw:
+            return
+        reply: dict[str, object]
+        try:
+            launched = launch(Plan.from_json(raw), got)
+            reply, out = {"pid": launched.pid}, launched.notify_fd
+        except LaunchError as e:
+            reply, out = {"error": str(e), "pid": e.pid}, None
+        except (FosError, ValueError, TypeError, KeyError) as e:
+            reply, out = {"error": f"bad request: {e}", "pid": None}, None
+        finally:
+            for fd in got:
+                os.close(fd)
+        kfds.send_fds(sock, json.dumps(reply).encode(), [out] if out is not None else [])
+        if out is not None:
+            os.close(out)

@@ -1,0 +1,69 @@
+"""Shared fixtures: every test leaves no cgroup and no child process behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def own_cgroup_dirs() -> list[Path]:
+    """This process's own cgroup directory in every mounted hierarchy."""
+    mounts: dict[str, Path] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, opts = fields[sep + 1], fields[sep + 3].split(",")
+            if fstype == "cgroup2":
+                mounts[""] = Path(fields[4])
+            elif fstype == "cgroup":
+                for opt in opts:
+                    mounts.setdefault(opt, Path(fields[4]))
+    out = []
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            for c in ctrls.split(",") if ctrls else [""]:
+                if c in mounts:
+                    out.append(mounts[c] / path.lstrip("/"))
+    return sorted(set(out))
+
+
+def fos_cgroups() -> list[Path]:
+    found = []
+    for d in own_cgroup_dirs():
+        if d.is_dir():
+            found += [p for p in d.iterdir() if p.is_dir() and p.name.startswith("fos")]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_trace() -> Iterator[None]:
+    before = set(fos_cgroups())
+    yield
+    left = set(fos_cgroups()) - before
+    assert not left, f"cgroups left behind: {sorted(map(str, left))}"
+    left_kids = [pid for pid in children() if _comm(pid) != "fos-zygote"]
+    assert not left_kids, f"child processes left behind: {left_kids}"
+
+
+def children() -> list[int]:
+    """Live and zombie children of this process (a module-scoped zygote is allowed)."""
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -1,0 +1,252 @@
+"""The sandbox, attacked from inside. Real namespaces, cgroups, seccomp; no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from fos_host.sandbox.jail import Jail
+from fos_host.sandbox.sandbox import ExitStatus, Spawner
+
+ROOT = os.geteuid() == 0
+
+
+@pytest.fixture(scope="module")
+def spawner() -> Iterator[Spawner]:
+    with Spawner(zygote=True) as sp:
+        yield sp
+
+
+def run_probe(
+    sp: Spawner, jail: Jail, *args: str, exec_path: bool = False
+) -> tuple[str, ExitStatus]:
+    """Run the probe in a sandbox (from the zygote, or exec'd); its stdout and exit status."""
+    r, w = os.pipe()
+    jail.pass_fd(w, 1)
+    if exec_path:
+        kw: dict = {"argv": [sys.executable, "-m", "fos_host.probe", *args]}
+    else:
+        kw = {"entry": "fos_host.probe:main", "args": args}
+    try:
+        with sp.spawn(jail, **kw) as sb:
+            os.close(w)
+            w = -1
+            out = b""
+            while chunk := os.read(r, 1 << 16):
+                out += chunk
+            status = sb.wait(timeout=60)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    return out.decode(), status
+
+
+@pytest.mark.parametrize("exec_path", [False, True], ids=["zygote", "exec"])
+def test_isolation_report(
+    spawner: Spawner, exec_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("FOS_TEST_SECRET", "hunter2")
+    leaked = os.open("/dev/null", os.O_RDONLY)  # inheritable fd of the host: must not leak
+    os.set_inheritable(leaked, True)
+    try:
+        out, status = run_probe(
+            spawner, Jail("renderer").memory("64M"), "report", exec_path=exec_path
+        )
+    finally:
+        os.close(leaked)
+    assert status.code == 0, status.describe()
+    rep = json.loads(out)
+    assert rep["pid"] == 1
+    assert rep["visible_pids"] == [1]
+    assert rep["uid"] == "0"
+    host_uid = int(rep["uid_map"][1])
+    assert host_uid != 0
+    if ROOT:
+        assert host_uid >= 300000
+    else:
+        assert host_uid == os.geteuid()
+    for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
+        assert rep[key] == "0000000000000000", key
+    assert rep["NoNewPrivs"] == "1"
+    assert rep["Seccomp"] == "2"
+    assert rep["interfaces"] == ["lo"]
+    assert rep["hostname"] == "fos-sandbox"
+    assert rep["fds"] == [0, 1, 2]
+    assert "NOTIFY_SOCKET" not in rep["environ"]
+    assert "FOS_TEST_SECRET" not in rep["environ"]
+    assert rep["rlimit_core"] == [0, 0]
+    assert rep["rlimit_nofile"][1] <= 4096
+    assert rep["sid_is_self"]
+    assert all(line.endswith(":/") for line in rep["cgroup"])
+    assert "/root" not in rep["mounts"] and "/home" not in rep["mounts"]
+    assert "/etc" not in rep["mounts"]
+
+
+@pytest.fixture
+def targets(tmp_path) -> Iterator[dict[str, str]]:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    name = f"fos-test-{os.getpid()}"
+    abstract.bind("\0" + name)
+    abstract.listen()
+    try:
+        yield {"secret": str(secret), "port": str(tcp.getsockname()[1]), "abstract": name}
+    finally:
+        tcp.close()
+        abstract.close()
+
+
+EXPECTED_ATTACKS = {
+    "socket_inet",
+    "socket_inet6",
+    "socket_netlink",
+    "socket_packet",
+    "socket_inet_64bit",
+    "connect_host_loopback",
+    "connect_host_abstract",
+    "read_secret",
+    "read_root",
+    "write_root",
+    "write_etc",
+    "write_usr",
+    "see_host_pids",
+    "ptrace_parent",
+    "setuid",
+    "mount",
+    "unshare",
+    "clone_newuser",
+    "chroot",
+    "keyctl",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "io_uring_setup",
+    "personality",
+    "tiocsti",
+    "raise_rlimit",
+}
+
+
+@pytest.mark.parametrize("exec_path", [False, True], ids=["zygote", "exec"])
+def test_attacks_from_inside_fail(
+    spawner: Spawner, targets: dict[str, str], exec_path: bool
+) -> None:
+    args = [f"{k}={v}" for k, v in targets.items()]
+    out, status = run_probe(spawner, Jail("renderer"), "attack", *args, exec_path=exec_path)
+    assert status.code == 0, status.describe()
+    results = {r["attack"]: r for r in json.loads(out)}
+    assert set(results) == EXPECTED_ATTACKS
+    worked = {n: r["how"] for n, r in results.items() if not r["blocked"]}
+    assert not worked, f"attacks that worked: {worked}"
+    # seccomp, not luck, stops the dangerous calls
+    for name in (
+        "socket_inet",
+        "socket_inet_64bit",
+        "ptrace_parent",
+        "mount",
+        "unshare",
+        "bpf",
+        "keyctl",
+        "io_uring_setup",
+        "userfaultfd",
+        "perf_event_open",
+        "tiocsti",
+        "setuid",
+        "chroot",
+        "clone_newuser",
+        "personality",
+    ):
+        assert results[name]["how"] == "killed by SIGSYS", (name, results[name])
+
+
+def test_attacks_fail_without_seccomp_too(spawner: Spawner, targets: dict[str, str]) -> None:
+    """Defence in depth: with no seccomp at all, namespaces, mounts and dropped
+    capabilities still stop the attacks on the host's files, network and processes."""
+    args = [f"{k}={v}" for k, v in targets.items()]
+    names = [
+        "connect_host_loopback",
+        "connect_host_abstract",
+        "read_secret",
+        "read_root",
+        "write_root",
+        "write_etc",
+        "write_usr",
+        "see_host_pids",
+        "mount",
+        "chroot",
+        "setuid",
+        "raise_rlimit",
+    ]
+    out, status = run_probe(spawner, Jail("none"), "attack", *names, *args)
+    assert status.code == 0, status.describe()
+    worked = {r["attack"]: r["how"] for r in json.loads(out) if not r["blocked"]}
+    assert not worked, f"attacks that worked without seccomp: {worked}"
+
+
+@pytest.mark.skipif(not ROOT, reason="distinct host uids need root")
+def test_each_sandbox_has_its_own_host_uid(spawner: Spawner) -> None:
+    jails = [Jail("renderer") for _ in range(3)]
+    sbs = [spawner.spawn(j, entry="fos_host.probe:main", args=("idle",)) for j in jails]
+    try:
+        uids = {sb.host_uid for sb in sbs}
+        assert len(uids) == 3
+        for sb in sbs:
+            with open(f"/proc/{sb.pid}/status") as f:
+                line = next(ln for ln in f if ln.startswith("Uid:"))
+            assert int(line.split()[1]) == sb.host_uid
+    finally:
+        for sb in sbs:
+            sb.close()
+
+
+def test_oom_is_reported_as_the_exit_reason(spawner: Spawner) -> None:
+    _, status = run_probe(spawner, Jail("renderer").memory("32M"), "alloc", "200")
+    assert status.oom_kills >= 1
+    assert status.describe() == "out of memory at the 32 MiB limit"
+
+
+def test_allocation_below_the_limit_succeeds(spawner: Spawner) -> None:
+    out, status = run_probe(spawner, Jail("renderer").memory("64M"), "alloc", "16")
+    assert status.code == 0 and out.strip() == "allocated"
+
+
+def test_forking_past_the_pids_limit_fails(spawner: Spawner) -> None:
+    out, status = run_probe(spawner, Jail("renderer").pids(8), "fork", "20")
+    assert status.code == 0, status.describe()
+    assert 1 <= int(out) < 8
+
+
+def test_seccomp_kill_names_the_syscall(spawner: Spawner) -> None:
+    jail = Jail("renderer")
+    r, w = os.pipe()
+    try:
+        code = "import socket; socket.socket(socket.AF_INET)"
+        with spawner.spawn(jail, argv=[sys.executable, "-c", code]) as sb:
+            status = sb.wait(timeout=60)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert status.signal == 31
+    # the name comes from the kernel's audit log, which is root-only and rate-limited
+    assert status.seccomp_syscall in (None, "socket")
+    if status.seccomp_syscall:
+        assert status.describe() == "killed by seccomp on syscall socket"
+
+
+def test_kill_ends_the_whole_sandbox(spawner: Spawner) -> None:
+    sb = spawner.spawn(Jail("renderer"), entry="fos_host.probe:main", args=("fork", "3"))
+    with sb:
+        sb.kill()
+        status = sb.wait(timeout=10)
+    assert status.signal == 9
