@@ -186,10 +186,10 @@ def _middle(plan: Plan, sync: socket.socket, status: socket.socket, pass_fds: li
 
 def _contain(plan: Plan, status: socket.socket, m_alive: int, pass_fds: list[int]) -> None:
     _wait_for_middle_exit(m_alive)
-    proc.die_with_parent()
     mounts.make_private()
     sources = mounts.open_sources(plan.binds)
     namespaces.become_root()
+    proc.die_with_parent()  # after the uid change, which would clear it
     root = mounts.build_root(plan.binds, sources, plan.tmpfs)
     mounts.pivot(root)
     mounts.seal_root()
