@@ -28,8 +28,13 @@ class Result:
 
 
 def fos(*args: str, timeout: float = 60) -> Result:
-    with subprocess.Popen([*FOS, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True) as p:
+    with subprocess.Popen(
+        [*FOS, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as p:
         out, err = p.communicate(timeout=timeout)
     return Result(p.pid, p.returncode, out, err)
 
@@ -81,8 +86,10 @@ def test_binds_and_tmpfs(tmp_path: Path) -> None:
     (tmp_path / "in.txt").write_text("data")
     tmp_path.chmod(0o755)
     (tmp_path / "in.txt").chmod(0o644)
-    code = ("import os; print(open('/data/in.txt').read());"
-            "open('/scratch/x', 'w').write('ok'); print(os.listdir('/scratch'))")
+    code = (
+        "import os; print(open('/data/in.txt').read());"
+        "open('/scratch/x', 'w').write('ok'); print(os.listdir('/scratch'))"
+    )
     r = fos("exec", "--ro-bind", f"{tmp_path}:/data", "--tmpfs", "/scratch", "--", PY, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "data\n['x']\n"
@@ -157,8 +164,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_sigkill_of_the_host_leaves_no_sandbox_and_next_start_cleans_cgroups() -> None:
-    host = subprocess.Popen([PY, "-c", HOST_SCRIPT], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    host = subprocess.Popen(
+        [PY, "-c", HOST_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         pids = [int(p) for p in host.stdout.readline().split()]  # type: ignore[union-attr]
         assert len(pids) == 3 and all(_alive(p) for p in pids)
