@@ -2,10 +2,11 @@
 
 The only Python 3.11 of these machines lives under /root/.pyenv and /root is 0700: an
 unprivileged user cannot even start the venv's interpreter (a symlink into it). `run_as`
-gives the command a private mount namespace in which /root is an empty, read-only tmpfs
-(mode 0755) holding read-only binds of only what it needs (the interpreter tree, and the
-repository when it lies below /root too), then drops to the user and execs. Nothing on the
-host changes: the namespace dies with the command's process tree.
+forks; the child takes a private mount namespace in which every directory the user cannot
+pass on the way to what it needs (/root here; a 0700 clone folder in CI, maybe) is covered by
+an empty read-only tmpfs (mode 0755) holding read-only binds of only those paths: the
+interpreter tree and the repository. Then it drops to the user and execs. Nothing on the host
+changes: the mount namespace dies with the command's process tree.
 
     cp = run_as("fos-rootless", [PYTHON, "-m", "fos_host.cli", "exec", "--", "true"])
 """
@@ -15,15 +16,15 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import stat
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")  # the venv's python, by its own path
 USER = "fos-rootless"
-HIDDEN = "/root"  # 0700: replaced by a tmpfs in the command's mount namespace
 CLEAN_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
     "HOME": "/tmp",
@@ -58,35 +59,47 @@ def _check(ret: int, what: str) -> None:
 
 
 def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    enc = [None if s is None else os.fsencode(s) for s in (src, target, fstype)]
-    _check(
-        _libc.mount(enc[0], enc[1], enc[2], flags, os.fsencode(data) if data else None),
-        f"mount {src or fstype} on {target}",
-    )
+    raw = [None if s is None else os.fsencode(s) for s in (src, target, fstype)]
+    opts = os.fsencode(data) if data else None
+    _check(_libc.mount(raw[0], raw[1], raw[2], flags, opts), f"mount {src or fstype} on {target}")
 
 
-def _under(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
+def _closed_ancestor(path: str) -> str | None:
+    """The topmost directory above `path` that others may not pass (no o+x), if any."""
+    parts = Path(path).parts
+    for i in range(2, len(parts)):
+        d = os.path.join(*parts[:i])
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return d
+    return None
 
 
-def exposed_paths() -> list[str]:
-    """What the command needs from below HIDDEN: the interpreter tree, maybe the repo."""
-    wanted = {os.path.realpath(sys.base_prefix), str(REPO)}
-    return sorted(p for p in wanted if _under(p, HIDDEN))
+def exposure() -> dict[str, list[str]]:
+    """{closed directory: the paths below it the command needs}: what `run_as` re-exposes."""
+    plan: dict[str, list[str]] = {}
+    for path in sorted({os.path.realpath(sys.base_prefix), str(REPO)}):
+        top = _closed_ancestor(path)
+        if top is not None:
+            plan.setdefault(top, []).append(path)
+    return plan
 
 
-def _enter(uid: int, gid: int, cwd: str, expose: Sequence[str]) -> None:
-    """In the forked child, before exec: private /root view, then become the user."""
+def _enter(uid: int, gid: int, cwd: str, plan: dict[str, list[str]]) -> None:
+    """In the forked child, before exec: the private view, then become the user."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    sources = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in expose]  # before /root is covered
-    _mount("tmpfs", HIDDEN, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
-    for path, fd in zip(expose, sources, strict=True):
+    paths = [p for top in plan for p in plan[top]]
+    sources = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in paths]  # before they are covered
+    ro = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    for top in plan:
+        _mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+    for path, fd in zip(paths, sources, strict=True):
         os.makedirs(path, mode=0o755, exist_ok=True)
         _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        _mount(None, path, None, ro)
         os.close(fd)
-    _mount(None, HIDDEN, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for top in plan:
+        _mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
@@ -100,22 +113,19 @@ def run_as(
     timeout: float = 30,
     *,
     cwd: str | os.PathLike[str] = REPO,
-    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `argv` as `user` (root only) with a clean environment plus `env`; capture text
-    stdout and stderr. The command sees /root as an empty tmpfs but for `exposed_paths()`."""
+    """Run `argv` as `user` (needs root) with a clean environment plus `env`, stdin from
+    /dev/null; stdout and stderr captured as text. Raises subprocess.TimeoutExpired."""
     pw = pwd.getpwnam(user)
-    expose = exposed_paths()
-    here = os.fspath(cwd)
+    plan = exposure()
+    where = os.fspath(cwd)
     return subprocess.run(
         argv,
         env={**CLEAN_ENV, **(env or {})},
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
-        close_fds=True,
-        preexec_fn=lambda: _enter(pw.pw_uid, pw.pw_gid, here, expose),
+        preexec_fn=lambda: _enter(pw.pw_uid, pw.pw_gid, where, plan),
     )

@@ -131,6 +131,17 @@ def build_root(binds: list[Bind], fds: list[int], tmpfs: list[str]) -> str:
     libc.mount(
         "tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m", step="mount tmpfs root"
     )
+    # Private /tmp and extra tmpfs first: binds below them (a checkout in /tmp) go on top.
+    for t in ["/tmp", *tmpfs]:
+        os.makedirs(root + t, exist_ok=True)
+        libc.mount(
+            "tmpfs",
+            root + t,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            f"mode=1777,size={TMP_SIZE}",
+            step=f"mount tmpfs {t}",
+        )
     for b, fd in zip(binds, fds, strict=False):
         if os.path.islink(b.source) and b.source == b.target:
             # merged-/usr links such as /lib -> usr/lib are recreated, not bound
@@ -147,16 +158,6 @@ def build_root(binds: list[Bind], fds: list[int], tmpfs: list[str]) -> str:
     _build_dev(root, fds[len(binds) :])
     os.makedirs(root + "/proc", exist_ok=True)
     libc.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, step="mount /proc")
-    for t in ["/tmp", *tmpfs]:
-        os.makedirs(root + t, exist_ok=True)
-        libc.mount(
-            "tmpfs",
-            root + t,
-            "tmpfs",
-            MS_NOSUID | MS_NODEV,
-            f"mode=1777,size={TMP_SIZE}",
-            step=f"mount tmpfs {t}",
-        )
     return root
 
 

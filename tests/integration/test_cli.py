@@ -93,6 +93,10 @@ def test_binds_and_tmpfs(tmp_path: Path) -> None:
     r = fos("exec", "--ro-bind", f"{tmp_path}:/data", "--tmpfs", "/scratch", "--", PY, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "data\n['x']\n"
+    # a bind below /tmp is not hidden by the sandbox's private /tmp
+    code = f"print(open('{tmp_path}/in.txt').read())"
+    r = fos("exec", "--ro-bind", str(tmp_path), "--", PY, "-c", code)
+    assert (r.returncode, r.stdout) == (0, "data\n"), r.stderr
     code = "open('/data/new', 'w')"
     r = fos("exec", "--ro-bind", f"{tmp_path}:/data", "--", PY, "-c", code)
     assert "Read-only file system" in r.stderr
