@@ -32,6 +32,14 @@ def set_name(name: str) -> None:
     prctl.set_name(name[:15])
 
 
+def host_ppid() -> int:
+    """The parent's pid as the mounted /proc sees it (getppid() says 0 for a parent outside
+    the caller's pid namespace)."""
+    with open("/proc/self/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
 def die_with_parent() -> None:
     try:
         prctl.set_pdeathsig(signal.SIGKILL)

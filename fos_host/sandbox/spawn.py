@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -174,18 +175,21 @@ def _middle(plan: Plan, sync: socket.socket, status: socket.socket, pass_fds: li
     if sync.recv(16) != b"M":
         raise StepError("wait for id maps", 0, "the launcher went away")
     m_alive_r, m_alive_w = os.pipe()
+    m_pid = os.getpid()
     g_pid = os.fork()
     if g_pid == 0:
         os.close(m_alive_w)
-        _run_child(lambda: _contain(plan, status, m_alive_r, pass_fds), status)
+        _run_child(lambda: _contain(plan, status, m_alive_r, m_pid, pass_fds), status)
     sync.send(b"P%d" % g_pid)
 
 
 # -- G: the sandbox ----------------------------------------------------------------------
 
 
-def _contain(plan: Plan, status: socket.socket, m_alive: int, pass_fds: list[int]) -> None:
-    _wait_for_middle_exit(m_alive)
+def _contain(
+    plan: Plan, status: socket.socket, m_alive: int, m_pid: int, pass_fds: list[int]
+) -> None:
+    _wait_for_middle_exit(m_alive, m_pid)
     mounts.make_private()
     sources = mounts.open_sources(plan.binds)
     namespaces.become_root()
@@ -205,11 +209,15 @@ def _contain(plan: Plan, status: socket.socket, m_alive: int, pass_fds: list[int
     _enter_workload(plan, status)
 
 
-def _wait_for_middle_exit(m_alive: int) -> None:
-    """PDEATHSIG fires when the *parent* exits: set it only once M is gone (EOF here)."""
+def _wait_for_middle_exit(m_alive: int, m_pid: int) -> None:
+    """PDEATHSIG fires when the *parent* exits: set it only once G has a new parent.
+    M's fds close (EOF here) a moment before the kernel reparents G, so after the EOF wait
+    until the host's /proc (still mounted) shows another parent."""
     while os.read(m_alive, 1):
         pass
     os.close(m_alive)
+    while proc.host_ppid() == m_pid:
+        time.sleep(0.0001)
 
 
 def _load_seccomp(plan: Plan, status: socket.socket) -> None:
