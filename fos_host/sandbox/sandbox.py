@@ -170,6 +170,7 @@ class Spawner:
         self._cgroups: HostCgroups | None = None
         self._cgroup_error: ConfigError | None = None
         self._serial = 0
+        self._warned = False
 
     def __enter__(self) -> Spawner:
         proc.become_subreaper()
@@ -177,7 +178,6 @@ class Spawner:
             self._cgroups = cgroup.detect().open_host()
         except ConfigError as e:  # e.g. rootless without a delegated cgroup
             self._cgroup_error = e
-            log.warning("sandboxes run without a cgroup of their own: %s", e)
         if self._want_zygote:
             self.zygote = Zygote.start()
         return self
@@ -211,9 +211,12 @@ class Spawner:
     def _cgroup(self, limits: Limits) -> Cgroup | None:
         self._serial += 1
         if self._cgroups is None:
+            assert self._cgroup_error is not None
             if limits != Limits():
-                assert self._cgroup_error is not None
                 raise self._cgroup_error
+            if not self._warned:
+                self._warned = True
+                log.warning("sandboxes run without a cgroup of their own: %s", self._cgroup_error)
             return None
         return self._cgroups.create(f"sb-{self._serial}", limits)
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from attacks import EXPECTED_ATTACKS, SECCOMP_KILLED, WITHOUT_SECCOMP
 
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import ExitStatus, Spawner
@@ -107,37 +108,6 @@ def targets(tmp_path) -> Iterator[dict[str, str]]:
         abstract.close()
 
 
-EXPECTED_ATTACKS = {
-    "socket_inet",
-    "socket_inet6",
-    "socket_netlink",
-    "socket_packet",
-    "socket_inet_64bit",
-    "connect_host_loopback",
-    "connect_host_abstract",
-    "read_secret",
-    "read_root",
-    "write_root",
-    "write_etc",
-    "write_usr",
-    "see_host_pids",
-    "ptrace_parent",
-    "setuid",
-    "mount",
-    "unshare",
-    "clone_newuser",
-    "chroot",
-    "keyctl",
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "io_uring_setup",
-    "personality",
-    "tiocsti",
-    "raise_rlimit",
-}
-
-
 @pytest.mark.parametrize("exec_path", [False, True], ids=["zygote", "exec"])
 def test_attacks_from_inside_fail(
     spawner: Spawner, targets: dict[str, str], exec_path: bool
@@ -150,23 +120,7 @@ def test_attacks_from_inside_fail(
     worked = {n: r["how"] for n, r in results.items() if not r["blocked"]}
     assert not worked, f"attacks that worked: {worked}"
     # seccomp, not luck, stops the dangerous calls
-    for name in (
-        "socket_inet",
-        "socket_inet_64bit",
-        "ptrace_parent",
-        "mount",
-        "unshare",
-        "bpf",
-        "keyctl",
-        "io_uring_setup",
-        "userfaultfd",
-        "perf_event_open",
-        "tiocsti",
-        "setuid",
-        "chroot",
-        "clone_newuser",
-        "personality",
-    ):
+    for name in SECCOMP_KILLED:
         assert results[name]["how"] == "killed by SIGSYS", (name, results[name])
 
 
@@ -174,21 +128,7 @@ def test_attacks_fail_without_seccomp_too(spawner: Spawner, targets: dict[str, s
     """Defence in depth: with no seccomp at all, namespaces, mounts and dropped
     capabilities still stop the attacks on the host's files, network and processes."""
     args = [f"{k}={v}" for k, v in targets.items()]
-    names = [
-        "connect_host_loopback",
-        "connect_host_abstract",
-        "read_secret",
-        "read_root",
-        "write_root",
-        "write_etc",
-        "write_usr",
-        "see_host_pids",
-        "mount",
-        "chroot",
-        "setuid",
-        "raise_rlimit",
-    ]
-    out, status = run_probe(spawner, Jail("none"), "attack", *names, *args)
+    out, status = run_probe(spawner, Jail("none"), "attack", *WITHOUT_SECCOMP, *args)
     assert status.code == 0, status.describe()
     worked = {r["attack"]: r["how"] for r in json.loads(out) if not r["blocked"]}
     assert not worked, f"attacks that worked without seccomp: {worked}"
