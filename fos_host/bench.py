@@ -62,6 +62,7 @@ MEMORY_SAMPLES = 10
 MAX_WARMUP = 5
 MAX_FAILURES_IN_A_ROW = 5  # then a method is given up
 MIB = 1 << 20
+FORKSERVER_PRELOAD = ("argparse", "fos_host.cli")
 
 GOAL_P50_MS = 5.0
 GOAL_VS_BWRAP = 4.0
@@ -338,8 +339,9 @@ def mp_once(ctx: Any, what: str) -> Sample:
 
 
 class Forkserver:
-    """multiprocessing's forkserver, started (preloading this module) before measuring and
-    stopped afterwards, with the resource tracker it starts, unless they were running."""
+    """multiprocessing's forkserver, started (with the target's module preloaded) before
+    measuring and stopped afterwards, with the resource tracker it starts, unless they were
+    running already."""
 
     def __init__(self) -> None:
         self.ctx = multiprocessing.get_context("forkserver")
@@ -347,8 +349,10 @@ class Forkserver:
         tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
         self._stop_server = server is not None and getattr(server, "_forkserver_pid", 1) is None
         self._stop_tracker = tracker is not None and getattr(tracker, "_pid", 1) is None
-        # as by default, __main__ (so children need not run it again), and the target's module
-        self.ctx.set_forkserver_preload(["__main__", __name__])
+        # Every child runs __main__ again (Python 3.11's forkserver cannot preload it): preload
+        # the target's module and what the launchers (fos-host, benchmarks/spawn.py) import,
+        # so that a child's start does not depend on how the benchmark was started.
+        self.ctx.set_forkserver_preload([__name__, *FORKSERVER_PRELOAD])
         multiprocessing.forkserver.ensure_running()
 
     def run(self) -> Sample:

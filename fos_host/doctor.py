@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fos_host.errors import StepError
 from fos_host.kernel import libc
+from fos_host.kernel import namespaces as ns
 
 
 class Verdict(Enum):
@@ -52,23 +53,7 @@ class Check:
 
 _CHILD_TIMEOUT = 10.0
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-
-NAMESPACES: tuple[tuple[str, int], ...] = (
-    ("user", CLONE_NEWUSER),
-    ("pid", CLONE_NEWPID),
-    ("net", CLONE_NEWNET),
-    ("ipc", CLONE_NEWIPC),
-    ("uts", CLONE_NEWUTS),
-    ("mount", CLONE_NEWNS),
-    ("cgroup", CLONE_NEWCGROUP),
-)
+NAMESPACES: tuple[tuple[str, int], ...] = tuple((name, flag) for flag, name in ns.NAMES.items())
 
 # (import name, distribution name, fix when missing)
 LIBRARIES: tuple[tuple[str, str, str], ...] = (
@@ -429,8 +414,8 @@ def _check_namespace(kind: str, flag: int) -> Check:
     name = f"namespace: {kind}"
     flags = flag
     via = ""
-    if os.geteuid() != 0 and flag != CLONE_NEWUSER:
-        flags |= CLONE_NEWUSER  # how the sandbox does it without root
+    if os.geteuid() != 0 and flag != ns.CLONE_NEWUSER:
+        flags |= ns.CLONE_NEWUSER  # how the sandbox does it without root
         via = " (with a user namespace)"
     ok, text = _in_child(_unshare_body(kind, flags))
     if ok:
@@ -468,17 +453,17 @@ def _check_unprivileged_userns() -> Check:
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
-            libc.unshare(CLONE_NEWUSER)
+            libc.unshare(ns.CLONE_NEWUSER)
             return f"as uid {uid}: unshare(CLONE_NEWUSER) ok"
 
     else:
 
         def body() -> str:
-            libc.unshare(CLONE_NEWUSER)
+            libc.unshare(ns.CLONE_NEWUSER)
             return f"as uid {os.getuid()}: unshare(CLONE_NEWUSER) ok"
 
     ok, text = _in_child(body)
-    tried = text if ok else f"unshare(CLONE_NEWUSER) as an unprivileged user: {text}"
+    tried = text if ok else f"unshare(ns.CLONE_NEWUSER) as an unprivileged user: {text}"
     newuidmap = shutil.which("newuidmap") or (
         "/usr/bin/newuidmap" if os.path.exists("/usr/bin/newuidmap") else None
     )
