@@ -13,8 +13,9 @@ round-robin with the order rotated every round, so the noise of this machine hit
   so this one lives in a forked worker process that times each run itself.
 - bwrap: `bwrap --unshare-all` with the same seccomp filter (compiled BPF on a memfd),
   exec'ing the same interpreter with `-S -I -c`; through `subprocess.Popen`.
-- mp_forkserver / mp_fork: a `multiprocessing` Process (context "forkserver", started and
-  preloaded before measuring; and plain "fork") whose target sends one byte down a pipe.
+- mp_forkserver / mp_fork: a `multiprocessing` Process (context "forkserver", started with
+  this module preloaded before measuring; and plain "fork") whose target sends one byte down
+  a pipe.
 
 Memory: USS (Private_Clean + Private_Dirty) and PSS from /proc/PID/smaps_rollup of an idle
 Python workload — the probe "idle" forked from the zygote, against an exec'd, unsandboxed

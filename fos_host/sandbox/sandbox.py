@@ -171,6 +171,7 @@ class Spawner:
         self._cgroup_error: ConfigError | None = None
         self._serial = 0
         self._warned = False
+        self._bpf: dict[tuple[str, bool], bytes] = {}  # (profile, learn) -> compiled filter
 
     def __enter__(self) -> Spawner:
         proc.become_subreaper()
@@ -235,7 +236,11 @@ class Spawner:
             raise ConfigError("no command given")
         bpf = None
         if jail.profile != "none":
-            bpf = seccomp.compile_bpf(load_policy(jail.profile), learn=jail.learn)
+            key = (jail.profile, jail.learn)
+            bpf = self._bpf.get(key)
+            if bpf is None:  # parsed and compiled once per Spawner
+                bpf = seccomp.compile_bpf(load_policy(jail.profile), learn=jail.learn)
+                self._bpf[key] = bpf
         return Plan(
             binds=check_binds(jail.all_binds(), jail.tmpfs_dirs),
             tmpfs=list(jail.tmpfs_dirs),
