@@ -48,7 +48,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from fos_host.errors import ConfigError, FosError
-from fos_host.kernel import seccomp
+from fos_host.kernel import proc, seccomp
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import Spawner
 from fos_host.sandbox.seccomp_policy import load_policy
@@ -105,31 +105,14 @@ def smaps_rollup(pid: int) -> tuple[int, int]:
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Pss"]
 
 
-def children() -> list[int]:
-    """This process's children (zombies included)."""
-    out: list[int] = []
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
-            out += [int(p) for p in f.read().split()]
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def reap_orphans(comm: str) -> None:
     """Reap (killing if need be) every child named `comm`.
 
     bwrap's pid 1 in its pid namespace outlives the bwrap we started by a moment and is then
     reparented to the nearest child subreaper — this process, which the Spawner made one.
     """
-    for pid in children():
-        if _comm(pid) != comm:
+    for pid in proc.children():
+        if proc.comm(pid) != comm:
             continue
         try:
             fd = os.pidfd_open(pid)

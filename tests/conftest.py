@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fos_host.kernel import proc
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -48,7 +50,7 @@ def leaves_no_trace() -> Iterator[None]:
     yield
     left = {p for p in set(fos_cgroups()) - before if not _of_another_live_host(p)}
     assert not left, f"cgroups left behind: {sorted(map(str, left))}"
-    left_kids = [pid for pid in children() if _comm(pid) != "fos-zygote"]
+    left_kids = [pid for pid in proc.children() if proc.comm(pid) != "fos-zygote"]
     assert not left_kids, f"child processes left behind: {left_kids}"
 
 
@@ -59,28 +61,7 @@ def _of_another_live_host(path: Path) -> bool:
     if len(parts) != 3 or not parts[1].isdigit():
         return False
     pid = int(parts[1])
-    if pid == os.getpid() or pid in children():
+    if pid == os.getpid() or pid in proc.children():
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False  # a dead host's directory: somebody must clean it
-    return stat[stat.rindex(b")") + 2 :].split()[19].decode() == parts[2]
-
-
-def children() -> list[int]:
-    """Live and zombie children of this process (a module-scoped zygote is allowed)."""
-    out: list[int] = []
-    for tid in os.listdir(f"/proc/{os.getpid()}/task"):
-        with open(f"/proc/{os.getpid()}/task/{tid}/children") as f:
-            out += [int(p) for p in f.read().split()]
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    fields = proc.stat_fields(pid)  # None: a dead host's directory, somebody must clean it
+    return fields is not None and fields[19] == parts[2]

@@ -40,6 +40,7 @@ from cgroupspy.controllers import Controller, CpuController, MemoryController
 from cgroupspy.nodes import Node
 
 from fos_host.errors import ConfigError, FosError, StepError
+from fos_host.kernel import proc
 from fos_host.paths import data_dir
 
 log = logging.getLogger(__name__)
@@ -316,13 +317,8 @@ def _unique(paths: Iterable[Path]) -> list[Path]:
 
 def _proc_starttime(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (clock ticks after boot), None if there is no such pid."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_bytes().decode("ascii", "replace")
-    except OSError:
-        return None
-    # comm (field 2) is in parentheses and may hold spaces and ")": split after the last ")".
-    rest = text[text.rindex(")") + 2 :].split()
-    return int(rest[22 - 3])
+    fields = proc.stat_fields(pid)
+    return None if fields is None else int(fields[22 - 3])
 
 
 def _host_alive(pid: int, starttime: int) -> bool:

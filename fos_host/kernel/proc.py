@@ -8,6 +8,7 @@ them and reads their exit status), `pidfd_open`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -32,12 +33,41 @@ def set_name(name: str) -> None:
     prctl.set_name(name[:15])
 
 
+def stat_fields(pid: int | str = "self") -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on — index = field number - 3 — or None if
+    there is no such process. comm (field 2) may hold spaces and ")": split after the last ")"."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2 :].decode("ascii", "replace").split()
+
+
 def host_ppid() -> int:
     """The parent's pid as the mounted /proc sees it (getppid() says 0 for a parent outside
     the caller's pid namespace)."""
-    with open("/proc/self/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    fields = stat_fields()
+    assert fields is not None
+    return int(fields[1])
+
+
+def children() -> list[int]:
+    """This process's children, zombies included."""
+    out: list[int] = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
+def comm(pid: int) -> str:
+    """A process's comm name, "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def die_with_parent() -> None:

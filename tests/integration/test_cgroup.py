@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fos_host.errors import ConfigError, FosError
-from fos_host.kernel import cgroup
+from fos_host.kernel import cgroup, proc
 from fos_host.kernel.cgroup import (
     V2_KEY,
     CgroupSystem,
@@ -42,12 +42,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups: need
 
 
 def _alive(pid: int, start: int | None = None) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = text[text.rindex(")") + 2 :].split()
-    if fields[0] == "Z":
+    fields = proc.stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return False
     return start is None or int(fields[19]) == start
 
