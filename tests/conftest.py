@@ -1,4 +1,5 @@
-"""Shared fixtures: every test leaves no cgroup and no child process behind."""
+"""Shared fixtures: every test leaves no cgroup and no child process behind; `targets` on the
+host for the sandbox attacks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from attacks import host_targets
 
 from fos_host.kernel import proc
 
@@ -65,3 +67,12 @@ def _of_another_live_host(path: Path) -> bool:
         return False
     fields = proc.stat_fields(pid)  # None: a dead host's directory, somebody must clean it
     return fields is not None and fields[19] == parts[2]
+
+
+@pytest.fixture
+def targets(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A secret file, a TCP listener on loopback and an abstract unix socket of the host."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    with host_targets(str(secret), "fos-test") as t:
+        yield t

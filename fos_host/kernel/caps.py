@@ -1,8 +1,10 @@
 """Capabilities, securebits and no_new_privs (python-prctl).
 
-Child half: `drop_all` empties the bounding set, sets and locks the securebits so that
-neither uid 0 nor an exec can regain a capability, clears the effective, permitted and
-inheritable sets (ambient capabilities go with them), then sets no_new_privs.
+Child half: `lock_bounding` empties the bounding set, sets and locks the securebits so that
+neither uid 0 nor an exec can regain a capability; `clear_sets` clears the effective,
+permitted and inheritable sets (ambient capabilities go with them), then sets no_new_privs.
+A spare sandbox (sandbox/pool.py) does the first before it waits for its order, the second
+after setting its hostname.
 Host half: `read_status` reports a process's CapEff/CapBnd/NoNewPrivs/Seccomp from
 /proc/PID/status (used by the isolation report and tests).
 """
@@ -19,7 +21,9 @@ def _cap_last_cap() -> int:
         return int(f.read())
 
 
-def drop_all() -> None:
+def lock_bounding() -> None:
+    """Empty the bounding set and lock the securebits: no exec or uid change can gain a
+    capability from here on. The process keeps the ones it has (`clear_sets` drops them)."""
     last = _cap_last_cap()
     known = max(prctl.ALL_CAPS)
     if last > known:
@@ -37,6 +41,14 @@ def drop_all() -> None:
         sb.no_setuid_fixup_locked = True
         sb.keep_caps = False
         sb.keep_caps_locked = True
+    except OSError as e:
+        raise StepError("drop capabilities", e.errno or 0) from e
+
+
+def clear_sets() -> None:
+    """Clear the inheritable, effective and permitted sets (ambient go with them), then
+    set no_new_privs."""
+    try:
         prctl.cap_inheritable.limit()
         prctl.cap_effective.limit()
         prctl.cap_permitted.limit()

@@ -11,8 +11,10 @@ sandbox gets a `Cgroup` below that, from one of three backends:
 - `HybridCgroup`: v1 limits plus cgroup2 (mounted without controllers) for freeze, kill,
   events and pressure.
 
-The child half is `join()`: the sandboxed process writes "0" to every `procs_files()` entry
-itself before it unshares its cgroup namespace.
+The child half: the sandbox's launcher gets the handle as plain data (`spec()`,
+`from_spec()`), `make()`s the directories with their limits — so the host does not pay for the
+mkdirs — and `join()`s: it writes "0" to every `procs_files()` entry before it unshares its
+cgroup namespace.
 
 Sizes are binary: `parse_size("64M") == 64 * 2**20`, shown as "64 MiB" by `format_size`.
 """
@@ -30,7 +32,7 @@ import select
 import signal
 import time
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -476,6 +478,22 @@ def _rmdir_trees(label: str, tops: Iterable[Path], deadline: float) -> list[str]
     return removed
 
 
+@contextlib.contextmanager
+def _undone_on_failure(what: str) -> Iterator[list[Path]]:
+    """Yields a list for the directories the block creates; they are removed again if the
+    block fails."""
+    created: list[Path] = []
+    try:
+        yield created
+    except BaseException:
+        for d in reversed(created):
+            try:
+                os.rmdir(d)
+            except OSError:
+                log.warning("cannot remove %s after a failed %s", d, what)
+        raise
+
+
 def _destroy(label: str, dirs: Mapping[str, Path], timeout: float) -> list[str]:
     """Kill everything in the subtrees, then rmdir them depth-first; returns removed dirs."""
     deadline = time.monotonic() + timeout
@@ -502,6 +520,27 @@ class Cgroup(abc.ABC):
 
     def _label(self) -> str:
         return f"{self.name} ({', '.join(str(d) for d in self._paths())})"
+
+    def make(self, limits: Limits) -> None:
+        """Create the directories and set `limits`; nothing is left on failure."""
+        with _undone_on_failure("create") as created:
+            for d in self._paths():
+                try:
+                    os.mkdir(d, 0o755)
+                except FileExistsError as e:
+                    raise FosError(f"cgroup {self.name} exists already ({d})") from e
+                except OSError as e:
+                    raise FosError(f"cannot create cgroup {d}: {e.strerror}") from e
+                created.append(d)
+            self.set_limits(limits)
+
+    def spec(self) -> dict[str, Any]:
+        """Plain data to rebuild this handle in another process (`from_spec`)."""
+        return {
+            "backend": type(self).__name__,
+            "name": self.name,
+            "dirs": {k: str(d) for k, d in self.dirs.items()},
+        }
 
     def procs_files(self) -> list[str]:
         """Every cgroup.procs the sandboxed process must join (see `join`)."""
@@ -801,6 +840,19 @@ class HybridCgroup(V1Cgroup):
         return path if path.exists() else None
 
 
+def from_spec(spec: dict[str, Any]) -> Cgroup:
+    """The handle that `Cgroup.spec()` describes."""
+    name, dirs = spec["name"], {k: Path(d) for k, d in spec["dirs"].items()}
+    match spec["backend"]:
+        case "V2Cgroup":
+            return V2Cgroup(name, dirs[V2_KEY])
+        case "HybridCgroup":
+            return HybridCgroup(name, dirs)
+        case "V1Cgroup":
+            return V1Cgroup(name, dirs)
+    raise FosError(f"unknown cgroup backend {spec['backend']!r}")
+
+
 def join(procs_files: list[str]) -> None:
     """CHILD half: move the calling process into each cgroup (write "0" to each cgroup.procs)."""
     for path in procs_files:
@@ -1052,8 +1104,7 @@ class HostCgroups:
                 if ctrl not in own_dirs:
                     unavailable[ctrl] = f"no cgroup v1 {ctrl} hierarchy is mounted"
         dirs: dict[str, Path] = {}
-        created: list[Path] = []
-        try:
+        with _undone_on_failure("set-up") as created:
             for key, own in own_dirs.items():
                 host = own / name
                 if host in created:
@@ -1081,18 +1132,18 @@ class HostCgroups:
                 controllers = _enable_v2(own_dirs[V2_KEY], dirs[V2_KEY], unavailable)
             else:
                 controllers = {c for c in LIMIT_CONTROLLERS if c in dirs}
-        except BaseException:
-            for d in reversed(created):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    log.warning("cannot remove %s after a failed set-up", d)
-            raise
         return cls(system, name, dirs, controllers, unavailable)
 
     def create(self, name: str, limits: Limits | None = None) -> Cgroup:
         """A new sandbox cgroup `name` (e.g. "sb-3") with `limits`; nothing left on failure."""
         limits = limits or Limits()
+        cg = self.handle(name, limits)
+        cg.make(limits)
+        return cg
+
+    def handle(self, name: str, limits: Limits) -> Cgroup:
+        """The handle of sandbox cgroup `name`, checked but not made: `Cgroup.make` makes it
+        (in the host, or in the sandbox's launcher, which gets it as `spec()`)."""
         if self.closed:
             raise FosError(f"host cgroups {self.name} are closed")
         if not SANDBOX_NAME_RE.fullmatch(name) or name.startswith(("cgroup.", "fos.")):
@@ -1104,27 +1155,7 @@ class HostCgroups:
             if ctrl not in self.controllers:
                 reason = self.unavailable.get(ctrl, f"no {ctrl} controller")
                 raise ConfigError(f"cannot set {_WHAT[ctrl]}: {reason}; {DELEGATE_FIX}")
-        dirs = {key: d / name for key, d in self.dirs.items()}
-        created: list[Path] = []
-        try:
-            for d in _unique(dirs.values()):
-                try:
-                    os.mkdir(d, 0o755)
-                except FileExistsError as e:
-                    raise FosError(f"cgroup {name} exists already ({d})") from e
-                except OSError as e:
-                    raise FosError(f"cannot create cgroup {d}: {e.strerror}") from e
-                created.append(d)
-            cg = self._backend(name, dirs)
-            cg.set_limits(limits)
-        except BaseException:
-            for d in reversed(created):
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    log.warning("cannot remove %s after a failed create", d)
-            raise
-        return cg
+        return self._backend(name, {key: d / name for key, d in self.dirs.items()})
 
     def _backend(self, name: str, dirs: dict[str, Path]) -> Cgroup:
         layout = self.system.layout

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fos_host.errors import ConfigError
 from fos_host.kernel.cgroup import Limits, parse_size
-from fos_host.kernel.mounts import Bind, python_runtime_binds
+from fos_host.kernel.mounts import Bind
 
 DEFAULT_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -111,10 +111,6 @@ class Jail:
     def seccomp_learn(self, on: bool = True) -> Jail:
         self.learn = on
         return self
-
-    def all_binds(self) -> list[Bind]:
-        base = python_runtime_binds(python_prefixes()) if self.runtime else []
-        return base + self.binds
 
 
 def _replace(limits: Limits, **kw: int) -> Limits:

@@ -18,17 +18,18 @@ import os
 import random
 import select
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import TracebackType
 
 from fos_host.errors import ConfigError, FosError
 from fos_host.kernel import cgroup, proc, seccomp
 from fos_host.kernel.cgroup import Cgroup, HostCgroups, Limits
-from fos_host.kernel.mounts import check_binds
+from fos_host.kernel.mounts import Bind, check_binds, python_runtime_binds
 from fos_host.kernel.namespaces import IdMap
-from fos_host.sandbox.jail import Jail
+from fos_host.sandbox.jail import Jail, python_prefixes
+from fos_host.sandbox.pool import Pool, Spare, kind_of
 from fos_host.sandbox.seccomp_policy import load_policy
-from fos_host.sandbox.spawn import Launched, LaunchError, Plan, launch
+from fos_host.sandbox.spawn import Launched, LaunchError, Order, Plan, SpareGone, give_order, launch
 from fos_host.sandbox.zygote import Zygote
 
 log = logging.getLogger(__name__)
@@ -157,13 +158,27 @@ class Sandbox:
 
 
 class Spawner:
-    """The host side of every sandbox. Use as a context manager."""
+    """The host side of every sandbox. Use as a context manager.
+
+    With `pool=N` (which needs the zygote) it keeps N spare sandboxes of each shape given to
+    `prewarm()`, and `spawn()` hands a request to a spare of its shape when one is ready
+    (sandbox/pool.py): the request then costs an order, not a whole spawn sequence.
+    """
 
     def __init__(
-        self, *, zygote: bool = False, uid_base: int = UID_BASE, uid_count: int = UID_COUNT
+        self,
+        *,
+        zygote: bool = False,
+        pool: int = 0,
+        uid_base: int = UID_BASE,
+        uid_count: int = UID_COUNT,
     ) -> None:
+        if pool and not zygote:
+            raise ConfigError("a warm pool of sandboxes needs the zygote (zygote=True)")
         self._want_zygote = zygote
+        self._pool_size = pool
         self.zygote: Zygote | None = None
+        self._pool: Pool | None = None
         self._uid_base, self._uid_count = uid_base, uid_count
         self._next_uid = random.randrange(uid_count)
         self._live: dict[int, Sandbox] = {}
@@ -172,6 +187,7 @@ class Spawner:
         self._serial = 0
         self._warned = False
         self._bpf: dict[tuple[str, bool], bytes] = {}  # (profile, learn) -> compiled filter
+        self._runtime: list[Bind] | None = None
 
     def __enter__(self) -> Spawner:
         proc.become_subreaper()
@@ -181,6 +197,7 @@ class Spawner:
             self._cgroup_error = e
         if self._want_zygote:
             self.zygote = Zygote.start()
+            self._pool = Pool(self.zygote, self._prepare)
         return self
 
     def __exit__(
@@ -191,6 +208,9 @@ class Spawner:
     def close(self) -> None:
         for sb in list(self._live.values()):
             sb.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self.zygote is not None:
             self.zygote.close()
             self.zygote = None
@@ -202,6 +222,8 @@ class Spawner:
         if os.geteuid() != 0:
             return IdMap(os.geteuid(), os.getegid())
         used = {sb.ids.host_uid for sb in self._live.values()}
+        if self._pool is not None:
+            used |= self._pool.uids()
         for _ in range(self._uid_count):
             uid = self._uid_base + self._next_uid
             self._next_uid = (self._next_uid + 1) % self._uid_count
@@ -219,21 +241,19 @@ class Spawner:
                 self._warned = True
                 log.warning("sandboxes run without a cgroup of their own: %s", self._cgroup_error)
             return None
-        return self._cgroups.create(f"sb-{self._serial}", limits)
+        return self._cgroups.handle(f"sb-{self._serial}", limits)
 
-    def plan(
-        self,
-        jail: Jail,
-        *,
-        argv: list[str] | None = None,
-        entry: str | None = None,
-        args: tuple[str, ...] = (),
-    ) -> Plan:
+    def _prepare(self, plan: Plan, limits: Limits) -> Cgroup | None:
+        """Give a plan its host uid and a cgroup of its own, which the launcher makes; the
+        handle is returned (to remove it when the sandbox is gone)."""
+        plan.ids = self._ids()
+        cg = self._cgroup(limits)
+        plan.cgroup = cg.spec() if cg else None
+        plan.limits = asdict(limits)
+        return cg
+
+    def plan(self, jail: Jail, order: Order | None = None) -> Plan:
         """Check the jail and compile its policy; no process or cgroup is made here."""
-        if (argv is None) == (entry is None):
-            raise ConfigError("give either a command to exec or a Python entry point")
-        if argv is not None and not argv:
-            raise ConfigError("no command given")
         bpf = None
         if jail.profile != "none":
             key = (jail.profile, jail.learn)
@@ -242,20 +262,36 @@ class Spawner:
                 bpf = seccomp.compile_bpf(load_policy(jail.profile), learn=jail.learn)
                 self._bpf[key] = bpf
         return Plan(
-            binds=check_binds(jail.all_binds(), jail.tmpfs_dirs),
+            binds=check_binds(self._runtime_binds(jail) + jail.binds, jail.tmpfs_dirs),
             tmpfs=list(jail.tmpfs_dirs),
-            hostname=jail.host_name,
             isolate_net=jail.network == "none",
             ids=IdMap(0, 0),
-            procs_files=[],
-            env=dict(jail.environ),
-            fd_targets=list(jail.fds),
+            cgroup=None,
+            limits=asdict(jail.limits),
             bpf=bpf,
             learn=jail.learn,
-            argv=argv,
-            entry=entry,
-            entry_args=list(args),
+            order=order,
         )
+
+    def _runtime_binds(self, jail: Jail) -> list[Bind]:
+        """The system and Python runtime, bound read-only (looked up once per Spawner)."""
+        if not jail.runtime:
+            return []
+        if self._runtime is None:
+            self._runtime = python_runtime_binds(python_prefixes())
+        return self._runtime
+
+    def prewarm(self, jail: Jail, size: int | None = None) -> None:
+        """Keep `size` (default: the Spawner's pool size) spares for jails of this shape
+        and limits."""
+        if self._pool is None:
+            raise ConfigError("prewarm needs a Spawner with the zygote")
+        self._pool.keep(self.plan(jail), jail.limits, self._pool_size if size is None else size)
+
+    def settle(self) -> None:
+        """Wait until the spares on their way are ready."""
+        if self._pool is not None:
+            self._pool.settle()
 
     def spawn(
         self,
@@ -264,11 +300,27 @@ class Spawner:
         argv: list[str] | None = None,
         entry: str | None = None,
         args: tuple[str, ...] = (),
+        warm: bool = True,
     ) -> Sandbox:
-        plan = self.plan(jail, argv=argv, entry=entry, args=args)
-        plan.ids = self._ids()
-        cg = self._cgroup(jail.limits)
-        plan.procs_files = cg.procs_files() if cg else []
+        """Start `argv` (exec) or the Python `entry` ("module:function", called with `args`)
+        in a sandbox made by `jail`; from a spare when `warm` and one of its shape is kept."""
+        if (argv is None) == (entry is None):
+            raise ConfigError("give either a command to exec or a Python entry point")
+        if argv is not None and not argv:
+            raise ConfigError("no command given")
+        order = Order(jail.host_name, dict(jail.environ), list(jail.fds), argv, entry, list(args))
+        plan = self.plan(jail, order)
+        if self._pool is not None:
+            while warm and not plan.learn:
+                spare = self._pool.take(kind_of(plan, jail.limits))
+                if spare is None:
+                    break
+                try:
+                    return self._claim(spare, order, jail)
+                except SpareGone as e:
+                    log.warning("spare sandbox pid=%d: %s; taking another", spare.pid, e)
+            self._pool.settle()  # the zygote answers in order
+        cg = self._prepare(plan, jail.limits)
         try:
             launcher = self.zygote.launch if self.zygote else launch
             launched = launcher(plan, list(jail.fds.values()))
@@ -282,10 +334,27 @@ class Spawner:
             if cg is not None:
                 cg.remove()
             raise
-        sb = Sandbox(self, launched, cg, plan.ids, jail.limits)
+        return self._track(Sandbox(self, launched, cg, plan.ids, jail.limits))
+
+    def _claim(self, spare: Spare, order: Order, jail: Jail) -> Sandbox:
+        assert self._pool is not None
+        try:
+            launched = give_order(spare.sock, spare.pid, order, list(jail.fds.values()))
+        except BaseException:
+            spare.discard()
+            raise
+        finally:
+            self._pool.refill()
+        spare.sock.close()
+        return self._track(Sandbox(self, launched, spare.cgroup, spare.ids, jail.limits))
+
+    def _track(self, sb: Sandbox) -> Sandbox:
         self._live[sb.pid] = sb
         log.debug(
-            "sandbox pid=%d uid=%d cgroup=%s", sb.pid, plan.ids.host_uid, cg.name if cg else None
+            "sandbox pid=%d uid=%d cgroup=%s",
+            sb.pid,
+            sb.host_uid,
+            sb.cgroup.name if sb.cgroup else None,
         )
         return sb
 

@@ -4,18 +4,23 @@ Three processes take part (KERNEL_NOTES "Spawning a sandboxed process"):
 
   launcher (host or zygote)      M (middle, short-lived)   G (the sandbox, pid 1)
   fork M ──────────────────────▶ drop_groups
-                                 join cgroups
+                                 make + join its cgroup
                                  unshare(user…cgroup)
   write setgroups, id maps ◀──── "U"
   "M" ─────────────────────────▶ fork G ──────────────────▶ wait for M to exit
   reap M                   ◀──── "P<pid of G>", exit        die_with_parent
                                                             make_private, open_sources
                                                             become_root, build_root,
-                                                            pivot, seal_root, hostname,
-                                                            lo up, setsid, rlimits,
-                                                            close fds, drop caps + NNP,
+                                                            pivot, seal_root, lo up,
+                                                            setsid, rlimits, empty the
+                                                            bounding set, lock securebits,
+                                                          [ a spare: EOF to the launcher,
+                                                            wait for the order ]
+                                                            hostname, close fds,
+                                                            clear cap sets + NNP,
                                                             seccomp (last)
-  read G's status channel  ◀─────────────────────────────── EOF (exec/entry) or "E<why>"
+  read G's status channel  ◀─────────────────────────────── "R", then EOF (exec/entry);
+                                                            or "E<why>"
 
 The host is a child subreaper, so when M exits G becomes the host's child: the host reaps G
 and reads its exit status, whether the launcher was the host itself or the zygote.
@@ -24,6 +29,7 @@ and reads its exit status, whether the launcher was the host itself or the zygot
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import os
@@ -33,32 +39,63 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from fos_host.errors import FosError, StepError
 from fos_host.kernel import caps, cgroup, fds, mounts, namespaces, netns, proc, seccomp
+from fos_host.kernel.cgroup import Limits
 from fos_host.kernel.mounts import Bind
 from fos_host.kernel.namespaces import IdMap
 
 STATUS_MAX = 65536
+MAX_ORDER = 1 << 20
+MAX_ORDER_FDS = 64
+
+
+@dataclass
+class Order:
+    """What runs in a sandbox and with what. Part of the plan of a cold spawn; sent later,
+    over its order channel, to a spare that waits for it (see sandbox/pool.py)."""
+
+    hostname: str
+    env: dict[str, str]
+    fd_targets: list[int]  # the n-th passed fd becomes this fd number in the sandbox
+    argv: list[str] | None = None  # exec this …
+    entry: str | None = None  # … or call "module:function" (zygote path)
+    entry_args: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Order:
+        return cls(**json.loads(raw))
 
 
 @dataclass
 class Plan:
-    """Everything the launcher and the child need, as plain data (crosses to the zygote)."""
+    """Everything the launcher and the child need, as plain data (crosses to the zygote).
+
+    With `order` None the plan makes a spare: it goes through every step that does not
+    depend on the workload, then waits for its order on the one fd passed to it."""
 
     binds: list[Bind]
     tmpfs: list[str]
-    hostname: str
     isolate_net: bool
     ids: IdMap
-    procs_files: list[str]
-    env: dict[str, str]
-    fd_targets: list[int]  # the n-th passed fd becomes this fd number in the sandbox
+    cgroup: dict[str, Any] | None  # the sandbox's cgroup (Cgroup.spec()), made by M …
+    limits: dict[str, int | None]  # … with these limits
     bpf: bytes | None
     learn: bool
-    argv: list[str] | None = None  # exec this …
-    entry: str | None = None  # … or call "module:function" (zygote path)
-    entry_args: list[str] = field(default_factory=list)
+    order: Order | None
+
+    def shape(self) -> str:
+        """What a spare must share with a request to serve it: all but ids, cgroup, order
+        (limits are matched by the pool)."""
+        return json.dumps(
+            [[asdict(b) for b in self.binds], self.tmpfs, self.isolate_net, self.learn,
+             hashlib.sha256(self.bpf).hexdigest() if self.bpf is not None else None]
+        )  # fmt: skip
 
     def to_json(self) -> bytes:
         d = asdict(self)
@@ -71,6 +108,7 @@ class Plan:
         d["binds"] = [Bind(**b) for b in d["binds"]]
         d["ids"] = IdMap(**d["ids"])
         d["bpf"] = bytes.fromhex(d["bpf"]) if d["bpf"] is not None else None
+        d["order"] = Order(**d["order"]) if d["order"] is not None else None
         return cls(**d)
 
 
@@ -103,7 +141,7 @@ def launch(plan: Plan, pass_fds: list[int]) -> Launched:
         sync_child.close()
         status_child.close()
         g_pid = _handshake(sync, mid, plan.ids)
-        return _await_status(status, g_pid, plan.learn)
+        return await_status(status, g_pid, plan.learn)
     finally:
         for s in (sync, sync_child, status, status_child):
             s.close()
@@ -126,8 +164,15 @@ def _handshake(sync: socket.socket, mid: int, ids: IdMap) -> int:
     raise LaunchError(_why(msg, "the middle process died"), None)
 
 
-def _await_status(status: socket.socket, g_pid: int, learn: bool) -> Launched:
+def await_status(
+    status: socket.socket, g_pid: int, learn: bool, *, claim: bool = False
+) -> Launched:
+    """Read G's status channel to the end: "L" + fd (learn mode's notification fd), "R" (set-up
+    done), "E<why>" (failed), EOF (exec'd or running). A claimed spare that ends without "R"
+    died before it took the order (it may have been killed with the order in flight): SpareGone.
+    A cold spawn that does is reported by its exit status instead."""
     notify_fd = None
+    ready = False
     while True:
         msg, got, _, _ = socket.recv_fds(status, STATUS_MAX, 1)
         if got and notify_fd is None and learn:
@@ -135,12 +180,15 @@ def _await_status(status: socket.socket, g_pid: int, learn: bool) -> Launched:
         else:
             for fd in got:
                 os.close(fd)
-        if msg == b"L":
+        if msg in (b"L", b"R"):
+            ready = ready or msg == b"R"
             continue
-        if msg == b"":
+        if msg == b"" and (ready or not claim):
             return Launched(g_pid, notify_fd)
         if notify_fd is not None:
             os.close(notify_fd)
+        if msg == b"":
+            raise SpareGone("the spare sandbox died before it took its order", g_pid)
         raise LaunchError(_why(msg, "the sandbox died during set-up"), g_pid)
 
 
@@ -166,7 +214,10 @@ def _run_child(body: Callable[[], None], report: socket.socket) -> None:
 def _middle(plan: Plan, sync: socket.socket, status: socket.socket, pass_fds: list[int]) -> None:
     proc.die_with_parent()
     namespaces.drop_groups()
-    cgroup.join(plan.procs_files)
+    if plan.cgroup is not None:
+        cg = cgroup.from_spec(plan.cgroup)
+        cg.make(Limits(**plan.limits))
+        cgroup.join(cg.procs_files())
     flags = namespaces.ALL_SANDBOX
     if not plan.isolate_net:
         flags &= ~namespaces.CLONE_NEWNET
@@ -197,16 +248,50 @@ def _contain(
     root = mounts.build_root(plan.binds, sources, plan.tmpfs)
     mounts.pivot(root)
     mounts.seal_root()
-    namespaces.set_hostname(plan.hostname)
     if plan.isolate_net:
         netns.loopback_up()
     proc.new_session()
     proc.set_rlimits()
-    fds.install_fds(dict(zip(plan.fd_targets, pass_fds, strict=True)), (status.fileno(),))
-    caps.drop_all()
+    caps.lock_bounding()
+    order = plan.order
+    if order is None:
+        order, pass_fds = _await_order(status, pass_fds[0])
+    namespaces.set_hostname(order.hostname)
+    fds.install_fds(dict(zip(order.fd_targets, pass_fds, strict=True)), (status.fileno(),))
+    caps.clear_sets()
     if plan.bpf is not None:
         _load_seccomp(plan, status)
-    _enter_workload(plan, status)
+    _enter_workload(order, status)
+
+
+def _await_order(status: socket.socket, order_fd: int) -> tuple[Order, list[int]]:
+    """A spare: the order channel takes the status channel's fd number, which closes the
+    launcher's channel (EOF: the spare is ready); then wait for the order and its fds.
+    From here on, failures are reported to whoever sent the order."""
+    os.dup2(order_fd, status.fileno(), inheritable=False)
+    os.close(order_fd)
+    proc.set_name("fos-spare")
+    try:
+        raw, got = fds.recv_fds(status, MAX_ORDER, MAX_ORDER_FDS)
+    except OSError as e:
+        raise StepError("receive the order", e.errno or 0) from e
+    if not raw:  # the host let the spare go
+        os._exit(0)
+    return Order.from_json(raw), got
+
+
+def give_order(sock: socket.socket, pid: int, order: Order, pass_fds: list[int]) -> Launched:
+    """Host half of claiming a spare: send the order with its fds and wait until it runs.
+    SpareGone when the spare died before it read the order (its channel resets)."""
+    try:
+        fds.send_fds(sock, order.to_json(), pass_fds)
+        return await_status(sock, pid, learn=False, claim=True)
+    except OSError as e:
+        raise SpareGone(f"the spare sandbox is gone: {e}", pid) from e
+
+
+class SpareGone(LaunchError):
+    """A spare died while it waited for its order: take another."""
 
 
 def _wait_for_middle_exit(m_alive: int, m_pid: int) -> None:
@@ -236,25 +321,26 @@ def _fresh_stdio() -> None:
     sys.stderr = open(2, "w", closefd=False, buffering=1)  # noqa: SIM115
 
 
-def _enter_workload(plan: Plan, status: socket.socket) -> None:
-    if plan.argv is not None:
+def _enter_workload(order: Order, status: socket.socket) -> None:
+    os.write(status.fileno(), b"R")  # set-up done; what follows is the workload's
+    if order.argv is not None:
         proc.reset_signals_for_exec()
         try:
-            os.execvpe(plan.argv[0], plan.argv, plan.env)
+            os.execvpe(order.argv[0], order.argv, order.env)
         except OSError as e:
-            raise StepError(f"exec {plan.argv[0]}", e.errno or 0) from e
-    assert plan.entry is not None
+            raise StepError(f"exec {order.argv[0]}", e.errno or 0) from e
+    assert order.entry is not None
     proc.reset_signals_for_python()
-    proc.set_name("fos-" + plan.entry.partition(":")[0].rpartition(".")[2])
+    proc.set_name("fos-" + order.entry.partition(":")[0].rpartition(".")[2])
     _fresh_stdio()
     os.environ.clear()
-    os.environ.update(plan.env)
-    module, _, func = plan.entry.partition(":")
+    os.environ.update(order.env)
+    module, _, func = order.entry.partition(":")
     target = getattr(importlib.import_module(module), func)
     status.close()  # EOF: set-up is done
     code = 1
     try:
-        code = int(target(*plan.entry_args) or 0)
+        code = int(target(*order.entry_args) or 0)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:

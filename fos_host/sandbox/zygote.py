@@ -17,6 +17,7 @@ import gc
 import importlib
 import json
 import os
+import select
 import signal
 import socket
 
@@ -51,8 +52,18 @@ class Zygote:
         return cls(pid, host_end)
 
     def launch(self, plan: Plan, pass_fds: list[int]) -> Launched:
+        self.submit(plan, pass_fds)
+        return self.result()
+
+    def submit(self, plan: Plan, pass_fds: list[int]) -> None:
+        """Send a request without waiting; `result()` reads the replies in the same order."""
         try:
             kfds.send_fds(self._sock, plan.to_json(), pass_fds)
+        except OSError as e:
+            raise FosError(f"the zygote is gone: {e}") from e
+
+    def result(self) -> Launched:
+        try:
             raw, got = kfds.recv_fds(self._sock, MAX_REQUEST, 1)
         except OSError as e:
             raise FosError(f"the zygote is gone: {e}") from e
@@ -64,6 +75,10 @@ class Zygote:
                 os.close(fd)
             raise LaunchError(reply["error"], reply["pid"])
         return Launched(reply["pid"], got[0] if got else None)
+
+    def has_result(self) -> bool:
+        """A reply is waiting (`result()` will not block)."""
+        return bool(select.select([self._sock], [], [], 0)[0])
 
     def close(self) -> None:
         self._sock.close()

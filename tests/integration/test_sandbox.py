@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from collections.abc import Iterator
 
 import pytest
-from attacks import EXPECTED_ATTACKS, SECCOMP_KILLED, WITHOUT_SECCOMP
+from attacks import WITHOUT_SECCOMP, assert_attacks_failed
+from probing import run_probe
 
 from fos_host.sandbox.jail import Jail
-from fos_host.sandbox.sandbox import ExitStatus, Spawner
+from fos_host.sandbox.sandbox import Spawner
 
 ROOT = os.geteuid() == 0
 
@@ -21,31 +21,6 @@ ROOT = os.geteuid() == 0
 def spawner() -> Iterator[Spawner]:
     with Spawner(zygote=True) as sp:
         yield sp
-
-
-def run_probe(
-    sp: Spawner, jail: Jail, *args: str, exec_path: bool = False
-) -> tuple[str, ExitStatus]:
-    """Run the probe in a sandbox (from the zygote, or exec'd); its stdout and exit status."""
-    r, w = os.pipe()
-    jail.pass_fd(w, 1)
-    if exec_path:
-        kw: dict = {"argv": [sys.executable, "-m", "fos_host.probe", *args]}
-    else:
-        kw = {"entry": "fos_host.probe:main", "args": args}
-    try:
-        with sp.spawn(jail, **kw) as sb:
-            os.close(w)
-            w = -1
-            out = b""
-            while chunk := os.read(r, 1 << 16):
-                out += chunk
-            status = sb.wait(timeout=60)
-    finally:
-        os.close(r)
-        if w >= 0:
-            os.close(w)
-    return out.decode(), status
 
 
 @pytest.mark.parametrize("exec_path", [False, True], ids=["zygote", "exec"])
@@ -90,24 +65,6 @@ def test_isolation_report(
     assert "/etc" not in rep["mounts"]
 
 
-@pytest.fixture
-def targets(tmp_path) -> Iterator[dict[str, str]]:
-    secret = tmp_path / "secret.txt"
-    secret.write_text("host secret")
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    tcp.bind(("127.0.0.1", 0))
-    tcp.listen()
-    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    name = f"fos-test-{os.getpid()}"
-    abstract.bind("\0" + name)
-    abstract.listen()
-    try:
-        yield {"secret": str(secret), "port": str(tcp.getsockname()[1]), "abstract": name}
-    finally:
-        tcp.close()
-        abstract.close()
-
-
 @pytest.mark.parametrize("exec_path", [False, True], ids=["zygote", "exec"])
 def test_attacks_from_inside_fail(
     spawner: Spawner, targets: dict[str, str], exec_path: bool
@@ -115,13 +72,7 @@ def test_attacks_from_inside_fail(
     args = [f"{k}={v}" for k, v in targets.items()]
     out, status = run_probe(spawner, Jail("renderer"), "attack", *args, exec_path=exec_path)
     assert status.code == 0, status.describe()
-    results = {r["attack"]: r for r in json.loads(out)}
-    assert set(results) == EXPECTED_ATTACKS
-    worked = {n: r["how"] for n, r in results.items() if not r["blocked"]}
-    assert not worked, f"attacks that worked: {worked}"
-    # seccomp, not luck, stops the dangerous calls
-    for name in SECCOMP_KILLED:
-        assert results[name]["how"] == "killed by SIGSYS", (name, results[name])
+    assert_attacks_failed(out)
 
 
 def test_attacks_fail_without_seccomp_too(spawner: Spawner, targets: dict[str, str]) -> None:
@@ -130,8 +81,7 @@ def test_attacks_fail_without_seccomp_too(spawner: Spawner, targets: dict[str, s
     args = [f"{k}={v}" for k, v in targets.items()]
     out, status = run_probe(spawner, Jail("none"), "attack", *WITHOUT_SECCOMP, *args)
     assert status.code == 0, status.describe()
-    worked = {r["attack"]: r["how"] for r in json.loads(out) if not r["blocked"]}
-    assert not worked, f"attacks that worked without seccomp: {worked}"
+    assert_attacks_failed(out, seccomp=False)
 
 
 @pytest.mark.skipif(not ROOT, reason="distinct host uids need root")
