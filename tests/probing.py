@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import ExitStatus, Sandbox, Spawner
@@ -39,3 +40,17 @@ def run_probe(
         if w >= 0:
             os.close(w)
     return out.decode(), status
+
+
+def assert_isolated(rep: dict[str, Any]) -> None:
+    """What every sandbox's isolation report must say, whoever spawned it."""
+    assert rep["pid"] == 1
+    assert rep["visible_pids"] == [1]
+    assert rep["uid"] == "0"
+    for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
+        assert rep[key] == "0000000000000000", key
+    assert rep["NoNewPrivs"] == "1"
+    assert rep["Seccomp"] == "2"
+    assert rep["interfaces"] == ["lo"]
+    assert rep["fds"] == [0, 1, 2]
+    assert rep["sid_is_self"]

@@ -13,7 +13,6 @@ changes: the mount namespace dies with the command's process tree.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import stat
@@ -21,6 +20,18 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+from fos_host.kernel.libc import mount, unshare
+from fos_host.kernel.mounts import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+)
+from fos_host.kernel.namespaces import CLONE_NEWNS
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")  # the venv's python, by its own path
@@ -31,37 +42,6 @@ CLEAN_ENV = {
     "LANG": "C.UTF-8",
     "PYTHONDONTWRITEBYTECODE": "1",
 }
-
-CLONE_NEWNS = 0x00020000
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_void_p,
-]
-_libc.unshare.argtypes = [ctypes.c_int]
-
-
-def _check(ret: int, what: str) -> None:
-    if ret == -1:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
-def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
-    raw = [None if s is None else os.fsencode(s) for s in (src, target, fstype)]
-    opts = os.fsencode(data) if data else None
-    _check(_libc.mount(raw[0], raw[1], raw[2], flags, opts), f"mount {src or fstype} on {target}")
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -86,20 +66,20 @@ def exposure() -> dict[str, list[str]]:
 
 def _enter(uid: int, gid: int, cwd: str, plan: dict[str, list[str]]) -> None:
     """In the forked child, before exec: the private view, then become the user."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
     paths = [p for top in plan for p in plan[top]]
     sources = [os.open(p, os.O_PATH | os.O_CLOEXEC) for p in paths]  # before they are covered
     ro = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
     for top in plan:
-        _mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
+        mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=64k")
     for path, fd in zip(paths, sources, strict=True):
         os.makedirs(path, mode=0o755, exist_ok=True)
-        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
-        _mount(None, path, None, ro)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        mount(None, path, None, ro)
         os.close(fd)
     for top in plan:
-        _mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        mount(None, top, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from attacks import WITHOUT_SECCOMP, assert_attacks_failed
-from probing import run_probe
+from probing import assert_isolated, run_probe
 
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import Spawner
@@ -39,27 +39,18 @@ def test_isolation_report(
         os.close(leaked)
     assert status.code == 0, status.describe()
     rep = json.loads(out)
-    assert rep["pid"] == 1
-    assert rep["visible_pids"] == [1]
-    assert rep["uid"] == "0"
+    assert_isolated(rep)
     host_uid = int(rep["uid_map"][1])
     assert host_uid != 0
     if ROOT:
         assert host_uid >= 300000
     else:
         assert host_uid == os.geteuid()
-    for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "CapInh"):
-        assert rep[key] == "0000000000000000", key
-    assert rep["NoNewPrivs"] == "1"
-    assert rep["Seccomp"] == "2"
-    assert rep["interfaces"] == ["lo"]
     assert rep["hostname"] == "fos-sandbox"
-    assert rep["fds"] == [0, 1, 2]
     assert "NOTIFY_SOCKET" not in rep["environ"]
     assert "FOS_TEST_SECRET" not in rep["environ"]
     assert rep["rlimit_core"] == [0, 0]
     assert rep["rlimit_nofile"][1] <= 4096
-    assert rep["sid_is_self"]
     assert all(line.endswith(":/") for line in rep["cgroup"])
     assert "/root" not in rep["mounts"] and "/home" not in rep["mounts"]
     assert "/etc" not in rep["mounts"]
