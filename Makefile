@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: demo test lint bench clean bootstrap
+.PHONY: demo test test-vm lint bench clean bootstrap
 
 # The main job: sandbox a workload and print its isolation report (fos_host/demo.py).
 demo: bootstrap
@@ -12,6 +12,11 @@ demo: bootstrap
 # The test suite (slow tests deselected); pytest's "no tests collected" counts as success.
 test: bootstrap
 	@scripts/test
+
+# A focused selection (tests/vm/selection.txt) inside a qemu VM with a pure cgroup v2 kernel;
+# the image is cached under build/vm/ (tests/vm/harness.py).
+test-vm: bootstrap
+	@$(PY) tests/vm/harness.py
 
 lint: bootstrap
 	.venv/bin/ruff check
