@@ -7,6 +7,9 @@ tests, the demo and the benchmark (as crun's test `init`).
     python -m fos_host.probe fork N            try to keep N children alive; print how many
     python -m fos_host.probe byte              write one byte to stdout and exit (benchmark)
     python -m fos_host.probe idle              write one byte, then sleep until killed
+    python -m fos_host.probe grow              write one byte; for each line "MB" on stdin touch
+                                               MB MiB more (kept) and write "+"; then sleep
+    python -m fos_host.probe family N          fork N children that sleep, write one byte, sleep
 
 Kept to the standard library and ctypes: it runs under the renderer seccomp profile.
 """
@@ -239,13 +242,39 @@ def run_attack(name: str, fn: Callable[[], object]) -> dict[str, object]:
     return {"attack": name, **res}
 
 
-def alloc(mb: int) -> None:
+def alloc(mb: int) -> list[bytearray]:
     chunks = []
     for _ in range(mb):
         chunks.append(bytearray(1 << 20))  # calloc'd: touch every page
         chunk = chunks[-1]
         for i in range(0, len(chunk), 4096):
             chunk[i] = 1
+    return chunks
+
+
+def sleep_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def grow() -> None:
+    """Memory on demand (the cgroup tests squeeze it): each line "MB" on stdin touches MB MiB
+    more, kept until the process ends; "+" says it is done. At the end of stdin: sleep."""
+    kept: list[bytearray] = []
+    os.write(1, b"!")
+    while line := sys.stdin.readline():
+        kept += alloc(int(line))
+        os.write(1, b"+")
+    sleep_forever()
+
+
+def family(n: int) -> None:
+    """N children that stay (sleeping) with the process; one byte once they all exist."""
+    for _ in range(n):
+        if os.fork() == 0:
+            sleep_forever()
+    os.write(1, b"!")
+    sleep_forever()
 
 
 def fork_many(n: int) -> int:
@@ -286,8 +315,11 @@ def main(*argv: str) -> int:
         os.write(1, b"!")
     elif cmd == "idle":
         os.write(1, b"!")
-        while True:
-            time.sleep(3600)
+        sleep_forever()
+    elif cmd == "grow":
+        grow()
+    elif cmd == "family":
+        family(int(rest[0]))
     else:
         sys.stderr.write(f"probe: unknown command {cmd!r}\n")
         return 2
