@@ -24,6 +24,8 @@ mount -t ext4 /dev/vdb /work
 cd /work/src || exit 1
 @PYTHON@ -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" -ra --color=no $(cat /work/selection)
 rc=$?
+# fos-host doctor's verdicts on this kernel, kept by the harness as build/vm/run/doctor-vm.json
+@PYTHON@ -m fos_host.cli doctor --json 2>&1 | sed 's/^/FOS-VM-DOCTOR: /'
 echo "FOS-VM: exit $rc"
 sync
 poweroff -f

@@ -11,7 +11,9 @@ every input; a second run skips the build. Each run makes a small second disk wi
 project's sources and the selection. The VM boots under TCG (KVM hangs on these machines), an
 initramfs loads the virtio modules and switches to the root image; the guest script
 (tests/vm/guest.sh) mounts cgroup2 with every controller enabled, sets up zram swap, runs the
-selection as root and prints the results on the serial console, which is streamed here.
+selection as root and prints the results and `fos-host doctor --json` on the serial console,
+which is streamed here; the doctor's report of the VM and of this machine are kept beside the
+console log in build/vm/run/.
 The exit status is pytest's inside the VM (5, nothing collected, counts as success), or 1
 when the VM did not report one.
 """
@@ -49,6 +51,7 @@ GUEST_MODULES = ("mm/zsmalloc.ko", "crypto/lzo-rle.ko", "drivers/block/zram/zram
 SKIP_PACKAGES = re.compile(r"^(mypy|mypyc|ruff|pip|librt|ast_serialize|__editable__|fos_host)")
 SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "__pycache__"}
 MARK = "FOS-VM:"
+DOCTOR = "FOS-VM-DOCTOR: "
 DEFAULT_SELECTION = HERE / "selection.txt"
 
 
@@ -309,6 +312,7 @@ def boot(build_dir: Path, work: Path, console: Path, timeout: float) -> int:
     ]  # fmt: skip
     log("booting (qemu, TCG)")
     rc: int | None = None
+    doctor: list[str] = []
     deadline = time.monotonic() + timeout
     with (
         open(console, "w") as out,
@@ -321,6 +325,9 @@ def boot(build_dir: Path, work: Path, console: Path, timeout: float) -> int:
             line = raw.decode(errors="replace").rstrip("\r\n")
             out.write(line + "\n")
             print(f"  | {line}", flush=True)
+            if line.startswith(DOCTOR):
+                doctor.append(line[len(DOCTOR) :])
+                continue
             m = re.match(rf"{MARK} exit (\d+)", line)
             if m:
                 rc = int(m.group(1))
@@ -329,6 +336,7 @@ def boot(build_dir: Path, work: Path, console: Path, timeout: float) -> int:
                 p.kill()
                 break
         p.wait()
+    (console.parent / "doctor-vm.json").write_text("\n".join(doctor) + "\n")
     return 1 if rc is None else rc
 
 
@@ -348,8 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     work = make_work_disk(selection, run_dir)
+    host_doctor = subprocess.run(
+        [sys.executable, "-m", "fos_host.cli", "doctor", "--json"], capture_output=True, text=True
+    )
+    (run_dir / "doctor-host.json").write_text(host_doctor.stdout)
     rc = boot(build_dir, work, run_dir / "console.log", a.timeout)
-    log(f"pytest in the VM: exit {rc} (console: {(run_dir / 'console.log').relative_to(REPO)})")
+    log(f"pytest in the VM: exit {rc}; kept in {run_dir.relative_to(REPO)}: console.log, "
+        "doctor-vm.json, doctor-host.json")  # fmt: skip
     return 0 if rc == 5 else rc
 
 
