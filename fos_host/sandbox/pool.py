@@ -6,8 +6,8 @@ rlimits — and waits on its order channel (Chromium keeps a "spare renderer" fo
 reason). Claiming one: the host sends the order (hostname, environment, entry point or argv,
 fds); the spare sets its hostname, installs the fds, drops
 its capabilities, loads seccomp and runs. A spare serves only requests of its own shape
-(binds, tmpfs, network, seccomp filter: `Plan.shape`) and its cgroup limits, which it gets when
-it is made.
+and cgroup limits (binds, tmpfs, network, seccomp filter, limits: `Plan.shape`); it gets its
+limits when it is made.
 
 Refills go through the zygote without waiting: the request is sent when a spare is taken and
 its reply is read at a later pool operation, so the spawn that took the spare does not pay for
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import os
 import select
@@ -26,20 +25,15 @@ import signal
 import socket
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from fos_host.errors import FosError
-from fos_host.kernel.cgroup import Cgroup, Limits
+from fos_host.kernel.cgroup import Cgroup
 from fos_host.kernel.namespaces import IdMap
 from fos_host.sandbox.spawn import LaunchError, Plan
 from fos_host.sandbox.zygote import Zygote
 
 log = logging.getLogger(__name__)
-
-
-def kind_of(plan: Plan, limits: Limits) -> str:
-    """Which spares can serve a request: same shape, same cgroup limits."""
-    return plan.shape() + json.dumps(asdict(limits))
 
 
 @dataclass
@@ -75,22 +69,22 @@ class _Pending:
 
 
 class Pool:
-    """Spares per kind (`kind_of(plan, limits)`), refilled through the zygote.
-    `prepare(plan, limits)` gives a plan its host uid and a cgroup with those limits
-    (returned, so the pool can remove it)."""
+    """Spares per kind (`Plan.shape()`), refilled through the zygote. `prepare(plan)` gives a
+    plan its host uid and a cgroup with the plan's limits (returned, so the pool can remove
+    it)."""
 
-    def __init__(self, zygote: Zygote, prepare: Callable[[Plan, Limits], Cgroup | None]) -> None:
+    def __init__(self, zygote: Zygote, prepare: Callable[[Plan], Cgroup | None]) -> None:
         self._zygote = zygote
         self._prepare = prepare
-        self._want: dict[str, tuple[Plan, Limits, int]] = {}  # kind -> (template, limits, n)
+        self._want: dict[str, tuple[Plan, int]] = {}  # kind -> (template, how many)
         self._ready: dict[str, list[Spare]] = {}
         self._pending: deque[_Pending] = deque()
 
-    def keep(self, template: Plan, limits: Limits, size: int) -> None:
+    def keep(self, template: Plan, size: int) -> None:
         """Keep `size` spares of this kind from now on (0 stops refilling it)."""
         if template.order is not None or template.learn:
             raise FosError("a spare's plan has no order and no learn mode")
-        self._want[kind_of(template, limits)] = (template, limits, size)
+        self._want[template.shape()] = (template, size)
         self.refill()
 
     def uids(self) -> set[int]:
@@ -115,10 +109,10 @@ class Pool:
 
     def refill(self) -> None:
         """Ask the zygote for the spares that are missing (does not wait for them)."""
-        for kind, (template, limits, size) in list(self._want.items()):
+        for kind, (template, size) in list(self._want.items()):
             have = len(self._ready.get(kind, [])) + sum(p.kind == kind for p in self._pending)
             for _ in range(size - have):
-                self._submit(kind, template, limits)
+                self._submit(kind, template)
 
     def settle(self) -> None:
         """Wait until every spare on its way is ready (or has failed)."""
@@ -138,9 +132,9 @@ class Pool:
                     spare.discard()
             self._ready.clear()
 
-    def _submit(self, kind: str, template: Plan, limits: Limits) -> None:
+    def _submit(self, kind: str, template: Plan) -> None:
         plan = copy.deepcopy(template)
-        cg = self._prepare(plan, limits)
+        cg = self._prepare(plan)
         host_end, spare_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._zygote.submit(plan, [spare_end.fileno()])

@@ -27,7 +27,7 @@ from fos_host.kernel.cgroup import Cgroup, HostCgroups, Limits
 from fos_host.kernel.mounts import Bind, check_binds, python_runtime_binds
 from fos_host.kernel.namespaces import IdMap
 from fos_host.sandbox.jail import Jail, python_prefixes
-from fos_host.sandbox.pool import Pool, Spare, kind_of
+from fos_host.sandbox.pool import Pool, Spare
 from fos_host.sandbox.seccomp_policy import load_policy
 from fos_host.sandbox.spawn import Launched, LaunchError, Order, Plan, SpareGone, give_order, launch
 from fos_host.sandbox.zygote import Zygote
@@ -243,13 +243,12 @@ class Spawner:
             return None
         return self._cgroups.handle(f"sb-{self._serial}", limits)
 
-    def _prepare(self, plan: Plan, limits: Limits) -> Cgroup | None:
-        """Give a plan its host uid and a cgroup of its own, which the launcher makes; the
-        handle is returned (to remove it when the sandbox is gone)."""
+    def _prepare(self, plan: Plan) -> Cgroup | None:
+        """Give a plan its host uid and a cgroup of its own with the plan's limits, which the
+        launcher makes; the handle is returned (to remove it when the sandbox is gone)."""
         plan.ids = self._ids()
-        cg = self._cgroup(limits)
+        cg = self._cgroup(Limits(**plan.limits))
         plan.cgroup = cg.spec() if cg else None
-        plan.limits = asdict(limits)
         return cg
 
     def plan(self, jail: Jail, order: Order | None = None) -> Plan:
@@ -286,7 +285,7 @@ class Spawner:
         and limits."""
         if self._pool is None:
             raise ConfigError("prewarm needs a Spawner with the zygote")
-        self._pool.keep(self.plan(jail), jail.limits, self._pool_size if size is None else size)
+        self._pool.keep(self.plan(jail), self._pool_size if size is None else size)
 
     def settle(self) -> None:
         """Wait until the spares on their way are ready."""
@@ -312,7 +311,7 @@ class Spawner:
         plan = self.plan(jail, order)
         if self._pool is not None:
             while warm and not plan.learn:
-                spare = self._pool.take(kind_of(plan, jail.limits))
+                spare = self._pool.take(plan.shape())
                 if spare is None:
                     break
                 try:
@@ -320,7 +319,7 @@ class Spawner:
                 except SpareGone as e:
                     log.warning("spare sandbox pid=%d: %s; taking another", spare.pid, e)
             self._pool.settle()  # the zygote answers in order
-        cg = self._prepare(plan, jail.limits)
+        cg = self._prepare(plan)
         try:
             launcher = self.zygote.launch if self.zygote else launch
             launched = launcher(plan, list(jail.fds.values()))

@@ -90,11 +90,10 @@ class Plan:
     order: Order | None
 
     def shape(self) -> str:
-        """What a spare must share with a request to serve it: all but ids, cgroup, order
-        (limits are matched by the pool)."""
+        """What a spare must share with a request to serve it: all but ids, cgroup, order."""
         return json.dumps(
             [[asdict(b) for b in self.binds], self.tmpfs, self.isolate_net, self.learn,
-             hashlib.sha256(self.bpf).hexdigest() if self.bpf is not None else None]
+             self.limits, hashlib.sha256(self.bpf).hexdigest() if self.bpf is not None else None]
         )  # fmt: skip
 
     def to_json(self) -> bytes:
