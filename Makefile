@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: demo test test-vm lint bench clean bootstrap
+.PHONY: demo test test-vm vm-artefacts lint bench clean bootstrap
 
 # The main job: sandbox a workload and print its isolation report (fos_host/demo.py).
 demo: bootstrap
@@ -13,10 +13,15 @@ demo: bootstrap
 test: bootstrap
 	@scripts/test
 
-# A focused selection (tests/vm/selection.txt) inside a qemu VM with a pure cgroup v2 kernel;
-# the image is cached under build/vm/ (tests/vm/harness.py).
+# A focused selection (tests/vm/selection.txt) inside a qemu VM, booted once per cgroup layout
+# (v2, hybrid, v1), as root and as an unprivileged user; the image is cached under build/vm/
+# (tests/vm/harness.py); results, console logs and doctor reports go to build/vm/run/.
 test-vm: bootstrap
 	@$(PY) tests/vm/harness.py
+
+# Keep the last VM run's matrix and doctor reports in the repository (tests/vm/artefacts/).
+vm-artefacts:
+	cp build/vm/run/matrix.md build/vm/run/doctor-*.json tests/vm/artefacts/
 
 lint: bootstrap
 	.venv/bin/ruff check

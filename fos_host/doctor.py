@@ -304,44 +304,36 @@ def _check_cgroup_layout() -> Check:
     )
 
 
-def _memory_dir(cg: _Cgroups) -> tuple[Path, str, str] | None:
-    """(own dir, limit file a child has, which hierarchy) for the memory controller."""
-    if cg.v2_dir is not None and "memory" in cg.v2_controllers:
-        return cg.v2_dir, "memory.max", "cgroup2"
-    if "memory" in cg.v1_dirs:
-        return cg.v1_dirs["memory"], "memory.limit_in_bytes", "v1 memory"
-    return None
-
-
-def _check_memory_limits(cg: _Cgroups) -> Check:
+def _check_memory_limits() -> Check:
+    """What fos-host itself does: open the host's cgroups (moving into a leaf of its own where
+    cgroup v2 needs that) and give a sandbox cgroup a memory limit, then read it back."""
     name = "memory limits"
-    where = _memory_dir(cg)
-    if where is None:
-        return Check(
-            name,
-            Verdict.MISSING,
-            "no memory controller in this process's cgroups",
-            "enable the memory controller (cgroup_enable=memory on the kernel command line)",
-        )
-    parent, limit_file, hierarchy = where
+    limit = 64 << 20
     try:
-        with _child_cgroup(parent) as child:
-            has_limit = (child / limit_file).exists()
-    except OSError as exc:
+        from fos_host.errors import FosError
+        from fos_host.kernel.cgroup import DELEGATE_FIX, V2_KEY, Limits, detect
+
+        with detect().open_host() as host:
+            cg = host.create("doctor", Limits(memory_max=limit))
+            got = cg.stats().memory_max
+            where = host.dirs.get("memory") or host.dirs.get(V2_KEY)
+            moved = host.leaf is not None
+    except (FosError, OSError) as exc:
         fix = (
-            "ask for a delegated cgroup: systemd-run --user --scope -p Delegate=yes ..."
+            DELEGATE_FIX
             if os.geteuid() != 0
-            else f"make {parent} writable (is the cgroup filesystem mounted read-only?)"
+            else (
+                "enable the memory controller (cgroup_enable=memory on the kernel command line, "
+                "or +memory in the parent's cgroup.subtree_control)"
+            )
         )
-        return Check(name, Verdict.MISSING, f"cannot create a child cgroup: {_errtext(exc)}", fix)
-    if not has_limit:
-        return Check(
-            name,
-            Verdict.MISSING,
-            f"a child of {parent} ({hierarchy}) has no {limit_file}",
-            f"enable memory in {parent}/cgroup.subtree_control",
-        )
-    return Check(name, Verdict.OK, f"can create children of {parent} ({hierarchy}, {limit_file})")
+        return Check(name, Verdict.MISSING, _errtext(exc), fix)
+    except Exception as exc:  # the "cgroup layout" check says why the module does not work
+        return Check(name, Verdict.MISSING, f"fos_host.kernel.cgroup: {_errtext(exc)}", "")
+    if got != limit:
+        return Check(name, Verdict.MISSING, f"set a 64 MiB limit below {where}, read back {got}")
+    leaf = " (fos-host moves itself into a leaf of its cgroup to enable it)" if moved else ""
+    return Check(name, Verdict.OK, f"a 64 MiB limit set and read back below {where}{leaf}")
 
 
 def _check_delegation(cg: _Cgroups) -> Check:
@@ -630,7 +622,7 @@ def run_checks() -> list[Check]:
         _check_kernel(),
         _check_arch(),
         _check_cgroup_layout(),
-        _check_memory_limits(cg),
+        _check_memory_limits(),
         *(_check_namespace(kind, flag) for kind, flag in NAMESPACES),
         _check_unprivileged_userns(),
         _check_delegation(cg),

@@ -12,12 +12,14 @@ import pytest
 from attacks import host_targets
 
 from fos_host.kernel import proc
+from fos_host.kernel.cgroup import home_path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 def own_cgroup_dirs() -> list[Path]:
-    """This process's own cgroup directory in every mounted hierarchy."""
+    """This process's own cgroup directory in every mounted hierarchy (where it started: a
+    host that moved into its v2 leaf counts as in the leaf's parent)."""
     mounts: dict[str, Path] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -35,7 +37,7 @@ def own_cgroup_dirs() -> list[Path]:
             _, ctrls, path = line.rstrip("\n").split(":", 2)
             for c in ctrls.split(",") if ctrls else [""]:
                 if c in mounts:
-                    out.append(mounts[c] / path.lstrip("/"))
+                    out.append(mounts[c] / home_path(path).lstrip("/"))
     return sorted(set(out))
 
 

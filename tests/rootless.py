@@ -34,7 +34,7 @@ from fos_host.kernel.mounts import (
 from fos_host.kernel.namespaces import CLONE_NEWNS
 
 REPO = Path(__file__).resolve().parent.parent
-PYTHON = str(REPO / ".venv" / "bin" / "python")  # the venv's python, by its own path
+PYTHON = sys.executable  # the venv's python, by its own path (no shim)
 USER = "fos-rootless"
 CLEAN_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -64,8 +64,12 @@ def exposure() -> dict[str, list[str]]:
     return plan
 
 
-def _enter(uid: int, gid: int, cwd: str, plan: dict[str, list[str]]) -> None:
-    """In the forked child, before exec: the private view, then become the user."""
+def _enter(uid: int, gid: int, cwd: str, plan: dict[str, list[str]], cgroups: list[Path]) -> None:
+    """In the forked child, before exec: the cgroups to start in, the private view, then
+    become the user."""
+    for d in cgroups:
+        with open(d / "cgroup.procs", "w") as f:
+            f.write("0")
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     paths = [p for top in plan for p in plan[top]]
@@ -93,9 +97,11 @@ def run_as(
     timeout: float = 30,
     *,
     cwd: str | os.PathLike[str] = REPO,
+    cgroups: list[Path] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `argv` as `user` (needs root) with a clean environment plus `env`, stdin from
-    /dev/null; stdout and stderr captured as text. Raises subprocess.TimeoutExpired."""
+    /dev/null, in `cgroups` (one directory per hierarchy) if given, else in this process's;
+    stdout and stderr captured as text. Raises subprocess.TimeoutExpired."""
     pw = pwd.getpwnam(user)
     plan = exposure()
     where = os.fspath(cwd)
@@ -107,5 +113,5 @@ def run_as(
         text=True,
         timeout=timeout,
         check=False,
-        preexec_fn=lambda: _enter(pw.pw_uid, pw.pw_gid, where, plan),
+        preexec_fn=lambda: _enter(pw.pw_uid, pw.pw_gid, where, plan, cgroups or []),
     )

@@ -69,7 +69,9 @@ V1_CONTROLLERS = frozenset(
     }
 )
 LIMIT_CONTROLLERS = ("memory", "pids", "cpu")
-HOST_DIR_RE = re.compile(r"fos\.([0-9]+)\.([0-9]+)")
+HOST_DIR_RE = re.compile(r"fos\.([0-9]+)\.([0-9]+)(\.host)?")
+LEAF_SUFFIX = ".host"
+"""`fos.<pid>.<start>.host`: the leaf a host moves itself into on cgroup v2 (`HostCgroups`)."""
 SANDBOX_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 FREEZE_TIMEOUT = 5.0
@@ -325,6 +327,23 @@ def _proc_starttime(pid: int) -> int | None:
 
 def _host_alive(pid: int, starttime: int) -> bool:
     return _proc_starttime(pid) == starttime
+
+
+def host_dir_name() -> str:
+    """`fos.<pid>.<starttime>` of this process: its host directory in every hierarchy."""
+    pid = os.getpid()
+    return f"fos.{pid}.{_proc_starttime(pid)}"
+
+
+def home_path(path: str) -> str:
+    """A cgroup path of this process as if no host had moved it into a leaf: the leaf's parent
+    when `path` ends in a `fos.<pid>.<start>.host` (this host's, or that of the host that
+    forked this process, which shares it), else `path`."""
+    head, _, last = path.rpartition("/")
+    m = HOST_DIR_RE.fullmatch(last)
+    if m is not None and m.group(3):
+        return head or "/"
+    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -909,15 +928,10 @@ class CgroupSystem:
                 out[key] = d
         return out
 
-    def host_dir_name(self) -> str:
-        pid = os.getpid()
-        start = _proc_starttime(pid)
-        return f"fos.{pid}.{start}"
-
     def open_host(self) -> HostCgroups:
         """Remove stale host dirs, then create this host's directory in every hierarchy."""
         self.cleanup_stale()
-        return HostCgroups._create(self, self.host_dir_name())
+        return HostCgroups._create(self, host_dir_name())
 
     def cleanup_stale(self) -> list[str]:
         """Remove fos.<pid>.<start> dirs (under the own cgroups) of hosts no longer alive."""
@@ -1022,7 +1036,9 @@ def detect() -> CgroupSystem:
             mounts = _parse_mountinfo(_read(Path("/proc/self/mountinfo")))
         except FileNotFoundError:
             mounts = _parse_mounts(_read(Path("/proc/self/mounts")))
-        own = _parse_proc_cgroup(_read(Path("/proc/self/cgroup")))
+        own = {
+            k: home_path(v) for k, v in _parse_proc_cgroup(_read(Path("/proc/self/cgroup"))).items()
+        }
     except OSError as e:
         raise ConfigError(f"cannot read cgroup information from /proc: {e}") from e
     system = _system_from(mounts, own)
@@ -1072,12 +1088,14 @@ class HostCgroups:
         dirs: Mapping[str, Path],
         controllers: Iterable[str],
         unavailable: Mapping[str, str],
+        leaf: Leaf | None = None,
     ) -> None:
         self.system = system
         self.name = name
         self.dirs: dict[str, Path] = dict(dirs)  # hierarchy key → host directory
         self.controllers = frozenset(controllers)  # limits sandboxes can have
         self.unavailable: dict[str, str] = dict(unavailable)  # controller → why not
+        self.leaf = leaf
         self.closed = False
 
     def __repr__(self) -> str:
@@ -1128,11 +1146,21 @@ class HostCgroups:
                     f"cannot create cgroups: {'; '.join(sorted(set(unavailable.values())))}; "
                     f"{DELEGATE_FIX}"
                 )
+            leaf = None
             if system.layout is Layout.V2:
-                controllers = _enable_v2(own_dirs[V2_KEY], dirs[V2_KEY], unavailable)
+                own = own_dirs[V2_KEY]
+                if _inner_processes(own) and _to_enable(own):
+                    leaf = Leaf.enter(own, name)
+                controllers: set[str] = set()
+                try:
+                    controllers = _enable_v2(own, dirs[V2_KEY], unavailable)
+                finally:
+                    if leaf is not None and not controllers:  # other processes stay in `own`
+                        leaf.leave()
+                        leaf = None
             else:
                 controllers = {c for c in LIMIT_CONTROLLERS if c in dirs}
-        return cls(system, name, dirs, controllers, unavailable)
+        return cls(system, name, dirs, controllers, unavailable, leaf)
 
     def create(self, name: str, limits: Limits | None = None) -> Cgroup:
         """A new sandbox cgroup `name` (e.g. "sb-3") with `limits`; nothing left on failure."""
@@ -1168,21 +1196,46 @@ class HostCgroups:
     def close(self, *, timeout: float = REMOVE_TIMEOUT) -> list[str]:
         """Kill and remove every cgroup below the host dirs, then the host dirs. Idempotent."""
         self.closed = True
-        return _destroy(f"host {self.name}", self.dirs, timeout)
+        removed = _destroy(f"host {self.name}", self.dirs, timeout)
+        if self.leaf is not None:
+            removed += self.leaf.leave()
+            self.leaf = None
+        return removed
+
+
+def _inner_processes(cgroup: Path) -> list[int]:
+    """The processes in a non-root v2 cgroup (the root has no cgroup.type and is exempt from
+    the "no internal processes" rule)."""
+    if not (cgroup / "cgroup.type").exists():
+        return []
+    return _read_pids(cgroup / "cgroup.procs")
+
+
+def _to_enable(own: Path) -> set[str]:
+    """The limit controllers `own` offers but does not yet enable for its children."""
+    try:
+        available = set(_read(own / "cgroup.controllers").split())
+        enabled = set(_read(own / "cgroup.subtree_control").split())
+    except OSError as e:
+        raise FosError(f"cannot read the controllers of {own}: {e}") from e
+    return (available - enabled) & set(LIMIT_CONTROLLERS)
 
 
 def _enable_v2(own: Path, host: Path, unavailable: dict[str, str]) -> set[str]:
     """Enable memory/pids/cpu for the sandboxes below `host` (pure v2); returns those enabled.
 
     A controller can be enabled in host's cgroup.subtree_control only if it is enabled in the
-    own cgroup's subtree_control. Enabling it there fails with EBUSY when the own cgroup has
-    processes (the "no internal processes" rule; the root cgroup is exempt).
+    own cgroup's subtree_control, and there only while the own cgroup has no processes (the
+    "no internal processes" rule; the threaded pids and cpu would be let in, but would make
+    the own cgroup a thread root and its children invalid domains): `HostCgroups` moves the
+    host into a `Leaf` first.
     """
     try:
         available = set(_read(own / "cgroup.controllers").split())
         enabled = set(_read(own / "cgroup.subtree_control").split())
     except OSError as e:
         raise FosError(f"cannot read the controllers of {own}: {e}") from e
+    inner = _inner_processes(own)
     done: set[str] = set()
     for ctrl in LIMIT_CONTROLLERS:
         if ctrl not in enabled:
@@ -1192,17 +1245,18 @@ def _enable_v2(own: Path, host: Path, unavailable: dict[str, str]) -> set[str]:
                     "(missing from its cgroup.controllers)"
                 )
                 continue
+            if inner:
+                unavailable[ctrl] = (
+                    f"the {ctrl} controller cannot be enabled in {own}/cgroup.subtree_control "
+                    f"while processes are in {own} ({_pid_list(inner)}): cgroup v2 "
+                    "gives controllers only to cgroups without processes; start fos-host "
+                    "alone in its delegated cgroup"
+                )
+                continue
             try:
                 _write(own / "cgroup.subtree_control", f"+{ctrl}")
             except OSError as e:
-                if e.errno == errno.EBUSY:
-                    unavailable[ctrl] = (
-                        f"the {ctrl} controller is not enabled in {own}/cgroup.subtree_control "
-                        f"and cannot be, because {own} has processes of its own (cgroup v2 "
-                        "allows controllers only for cgroups without processes); start "
-                        "fos-host in a cgroup whose parent enables it, in a leaf of its own"
-                    )
-                elif e.errno in (errno.EACCES, errno.EPERM):
+                if e.errno in (errno.EACCES, errno.EPERM):
                     unavailable[ctrl] = _not_writable(own / "cgroup.subtree_control")
                 else:
                     unavailable[ctrl] = f"enabling {ctrl} in {own} failed: {e.strerror}"
@@ -1214,3 +1268,59 @@ def _enable_v2(own: Path, host: Path, unavailable: dict[str, str]) -> set[str]:
             continue
         done.add(ctrl)
     return done
+
+
+def _pid_list(pids: list[int]) -> str:
+    shown = ", ".join(map(str, pids[:5]))
+    return f"pids {shown}{', …' if len(pids) > 5 else ''}" if pids else "no pids"
+
+
+@dataclass
+class Leaf:
+    """The leaf cgroup `fos.<pid>.<start>.host` beside the host directory, holding the host.
+
+    On cgroup v2 a cgroup with processes cannot enable controllers for its children. A host
+    started in its delegated cgroup (systemd's Delegate=yes puts the service's process there)
+    moves itself into this leaf so that the delegated cgroup can enable memory, pids and cpu
+    for `fos.<pid>.<start>`, as crun and systemd's DelegateSubgroup= do. Processes the host
+    forks afterwards (the zygote) start in the leaf too.
+    """
+
+    own: Path
+    dir: Path
+    enabled_before: frozenset[str]  # own's cgroup.subtree_control before the host moved
+
+    @classmethod
+    def enter(cls, own: Path, name: str) -> Leaf | None:
+        """Create the leaf and move this process into it; None (and nothing left) if it
+        cannot be done, e.g. without write access to the cgroups."""
+        d = own / f"{name}{LEAF_SUFFIX}"
+        try:
+            before = frozenset(_read(own / "cgroup.subtree_control").split())
+            os.mkdir(d, 0o755)
+        except OSError as e:
+            log.debug("no leaf %s: %s", d, e)
+            return None
+        try:
+            _write(d / "cgroup.procs", str(os.getpid()))
+        except OSError as e:
+            log.debug("cannot move into %s: %s", d, e)
+            os.rmdir(d)
+            return None
+        return cls(own, d, before)
+
+    def leave(self) -> list[str]:
+        """Disable what was enabled in `own` since, move every process of the leaf back to
+        `own`, and remove the leaf. Called after the host directory is gone. Should `own`
+        refuse them, the host stays in the leaf until it exits; the next start removes it."""
+        try:
+            now = set(_read(self.own / "cgroup.subtree_control").split())
+            for ctrl in sorted(now - self.enabled_before):
+                _write(self.own / "cgroup.subtree_control", f"-{ctrl}")
+            for pid in _read_pids(self.dir / "cgroup.procs"):
+                with contextlib.suppress(ProcessLookupError):
+                    _write(self.own / "cgroup.procs", str(pid))
+        except OSError as e:
+            log.warning("fos-host stays in %s until it exits: %s", self.dir, e)
+            return []
+        return _rmdir_trees(f"leaf {self.dir.name}", [self.dir], time.monotonic() + REMOVE_TIMEOUT)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from limits import needs_limits
 
 from fos_host.errors import ConfigError, FosError
 from fos_host.kernel import cgroup, proc
@@ -30,12 +31,15 @@ from fos_host.kernel.cgroup import (
     Limits,
     cpu_shares,
     detect,
+    home_path,
+    host_dir_name,
     join,
 )
 
 MiB = 1 << 20
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups: needs root")
+pytestmark = needs_limits
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes its uid: needs root")
 
 
 # ---- helpers and fixtures ----------------------------------------------------------------
@@ -193,11 +197,13 @@ def test_detect_this_machine_is_hybrid(system: CgroupSystem) -> None:
     memory_path = re.search(r"^\d+:memory:(.*)$", proc_cgroup, re.M)
     assert memory_path is not None
     assert system.own["memory"] == memory_path.group(1)
-    assert system.own[V2_KEY] == "/"
+    v2_path = re.search(r"^0::(.*)$", proc_cgroup, re.M)
+    assert v2_path is not None
+    assert system.own[V2_KEY] == home_path(v2_path.group(1))
     hierarchies = system.hierarchies()
     assert set(hierarchies) == {V2_KEY, "memory", "pids", "cpu"}
     assert hierarchies["memory"] == Path("/sys/fs/cgroup/memory") / memory_path.group(1)[1:]
-    name = system.host_dir_name()
+    name = host_dir_name()
     assert re.fullmatch(rf"fos\.{os.getpid()}\.\d+", name)
 
 
@@ -205,7 +211,7 @@ def test_open_host_creates_dir_in_every_hierarchy(system: CgroupSystem) -> None:
     with system.open_host() as h:
         assert set(h.dirs) == set(system.hierarchies())
         for key, d in h.dirs.items():
-            assert d == system.hierarchies()[key] / system.host_dir_name()
+            assert d == system.hierarchies()[key] / host_dir_name()
             assert d.is_dir()
         assert {"memory", "pids", "cpu"} <= h.controllers
         with pytest.raises(FosError, match="already has open host cgroups"):
@@ -534,6 +540,7 @@ def test_create_names_the_fix_when_a_controller_is_missing(host: HostCgroups) ->
     limited.create("sb-pids-only", Limits(pids_max=5))  # what it can do still works
 
 
+@as_root
 def test_unprivileged_user_gets_config_error(system: CgroupSystem, children: Children) -> None:
     def body() -> int:
         os.setgroups([])

@@ -3,14 +3,18 @@
 Rootless here means: user namespaces work, but the cgroups belong to root and are not
 delegated. Sandboxes without limits must work (with no cgroup of their own), limits must be
 refused in one line naming the fix, and the sandbox - which runs under the user's own host
-uid - must not reach the host. Each command runs through `rootless.run_as` (a private mount
-namespace that makes the interpreter under 0700 /root reachable, then setuid).
+uid - must not reach the host. With a cgroup delegated to the user (the `delegated`
+fixture, as systemd's Delegate=yes makes one), limits work and nothing is left in it.
+Each command runs through `rootless.run_as` (a private mount namespace that makes the
+interpreter under 0700 /root reachable, then setuid).
 
-Skipped unless root: a non-root suite already runs every other test rootless.
+Skipped unless root: it creates the user. The VM (make test-vm) also runs the whole
+selection as an unprivileged user in a delegated cgroup.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -20,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +32,8 @@ import pytest
 from attacks import WITHOUT_SECCOMP, assert_attacks_failed, host_targets
 from probing import assert_isolated
 from rootless import PYTHON, USER, exposure, run_as
+
+from fos_host.kernel.cgroup import Layout, detect
 
 pytestmark = [
     pytest.mark.rootless,
@@ -38,6 +45,9 @@ pytestmark = [
 
 MARK = "fos-host rootless tests (temporary)"  # GECOS of a user these tests created
 LOCK = "/run/fos-rootless-tests.lock"
+LAYOUT = detect().layout
+# What systemd's Delegate=yes gives the user, besides the directory itself (v1 has "tasks").
+DELEGATED_FILES = ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads", "tasks")
 USERADD = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
 
 # Run as the user: fos* directories it owns in its own cgroups, as it sees them (others'
@@ -141,6 +151,9 @@ def test_runner_gives_the_user_only_what_it_needs(rootless_user: pwd.struct_pass
     assert cp.returncode == 0, cp.stderr
     uid, gid, groups, in_root = json.loads(cp.stdout)
     assert (uid, gid, groups) == (rootless_user.pw_uid, rootless_user.pw_gid, [])
+    if os.stat("/root").st_mode & 0o777 != 0o700:  # the VM's /root is open: nothing to expose
+        assert "/root" not in exposure()
+        return
     shown = {Path(p).relative_to("/root").parts[0] for p in exposure().get("/root", [])}
     assert ".pyenv" in shown
     assert set(in_root) == shown  # the interpreter (and a repo clone below /root), no more
@@ -226,7 +239,8 @@ def test_memory_limit_is_refused_naming_the_fix(rootless_user: pwd.struct_passwd
     view = run_as(USER, [PYTHON, "-c", USER_FOS_CGROUPS])
     assert view.returncode == 0, view.stderr
     seen = json.loads(view.stdout)
-    assert any("/memory/" in d for d in seen["dirs"]), seen  # it looked where limits live
+    limits_at = "/sys/fs/cgroup" if LAYOUT is Layout.V2 else "/memory"
+    assert any(limits_at in d for d in seen["dirs"]), seen  # it looked where limits live
     assert seen["mine"] == [], "the user made cgroups"
 
 
@@ -245,12 +259,17 @@ def test_doctor_reports_delegation_missing(rootless_user: pwd.struct_passwd) -> 
     assert "Delegate=yes" in delegation["fix"]
     assert checks["memory limits"]["verdict"] == "MISSING"
     assert "delegated cgroup" in checks["memory limits"]["fix"]
-    assert checks["unprivileged user namespaces"]["verdict"] == "OK"
+    userns = checks["unprivileged user namespaces"]
+    if shutil.which("newuidmap"):
+        assert userns["verdict"] == "OK", userns
+    else:  # the VM has no uidmap package: rootless sandboxes map only the user's own uid
+        assert userns["verdict"] == "DEGRADED" and "newuidmap: not found" in userns["detail"]
     for kind in ("user", "pid", "net", "ipc", "uts", "mount", "cgroup"):
         assert checks[f"namespace: {kind}"]["verdict"] == "OK", checks[f"namespace: {kind}"]
 
 
 SOCKET_INET = "import socket; socket.socket(socket.AF_INET)"
+OOM = "x = bytearray(200 << 20)"
 
 
 def test_seccomp_kill_is_reported(rootless_user: pwd.struct_passwd) -> None:
@@ -268,3 +287,69 @@ def test_seccomp_learn_names_the_syscall(rootless_user: pwd.struct_passwd) -> No
     (line,) = errors(cp.stderr)
     assert re.fullmatch(r"fos-host: seccomp learn: profile renderer would have refused: .*", line)
     assert "socket" in line.rsplit(":", 1)[1].replace(" ", "").split(","), line
+
+
+# -- with a delegated cgroup ---------------------------------------------------------------
+
+
+def _rmdir(d: Path, timeout: float = 5.0) -> None:
+    """rmdir a cgroup whose last process has just exited (EBUSY for a moment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            d.rmdir()
+            return
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def delegated(rootless_user: pwd.struct_passwd) -> Iterator[list[Path]]:
+    """A cgroup below this process's own in every hierarchy fos-host uses, delegated to the
+    user: the directory and its DELEGATED_FILES owned by the user. At the end it must hold
+    nothing the user's fos-host made; then it is removed."""
+    dirs: list[Path] = []
+    try:
+        for own in dict.fromkeys(detect().hierarchies().values()):
+            d = own / f"fos-delegated-{os.getpid()}"
+            d.mkdir()
+            dirs.append(d)
+            for f in (d, *(d / name for name in DELEGATED_FILES)):
+                if f.exists():
+                    os.chown(f, rootless_user.pw_uid, rootless_user.pw_gid)
+        yield dirs
+        left = [str(sub) for d in dirs for sub in d.iterdir() if sub.is_dir()]
+        assert not left, f"the user's fos-host left cgroups behind: {left}"
+    finally:
+        for d in reversed(dirs):
+            _rmdir(d)
+
+
+def in_delegated(dirs: list[Path], *args: str) -> subprocess.CompletedProcess[str]:
+    """fos-host run by the user, alone in its delegated cgroup (as a systemd service is)."""
+    return run_as(USER, [PYTHON, "-m", "fos_host.cli", *args], timeout=60, cgroups=dirs)
+
+
+def test_delegated_memory_limit_ends_in_an_oom_kill(delegated: list[Path]) -> None:
+    cp = in_delegated(delegated, "exec", "--memory", "32M", "--", PYTHON, "-c", OOM)
+    assert cp.returncode == 128 + signal.SIGKILL, cp.stderr
+    assert errors(cp.stderr) == ["fos-host: sandbox out of memory at the 32 MiB limit"]
+
+
+def test_delegated_limits_let_a_workload_below_them_run(delegated: list[Path]) -> None:
+    argv = [PYTHON, "-c", "x = bytearray(16 << 20); print('allocated')"]
+    cp = in_delegated(delegated, "exec", "--memory", "64M", "--pids", "16", "--", *argv)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == "allocated\n"
+
+
+def test_doctor_finds_the_delegation(delegated: list[Path]) -> None:
+    cp = in_delegated(delegated, "doctor", "--json")
+    assert cp.returncode == 0, cp.stderr
+    checks = {c["name"]: c for c in json.loads(cp.stdout)["checks"]}
+    assert checks["cgroup delegation (rootless)"]["verdict"] == "OK", checks
+    memory = checks["memory limits"]
+    assert memory["verdict"] == "OK", memory
+    assert "a 64 MiB limit set and read back" in memory["detail"]

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 from attacks import WITHOUT_SECCOMP, assert_attacks_failed
+from limits import needs_limits
 from probing import assert_isolated, run_probe
 
 from fos_host.sandbox.jail import Jail
@@ -91,17 +92,20 @@ def test_each_sandbox_has_its_own_host_uid(spawner: Spawner) -> None:
             sb.close()
 
 
+@needs_limits
 def test_oom_is_reported_as_the_exit_reason(spawner: Spawner) -> None:
     _, status = run_probe(spawner, Jail("renderer").memory("32M"), "alloc", "200")
     assert status.oom_kills >= 1
     assert status.describe() == "out of memory at the 32 MiB limit"
 
 
+@needs_limits
 def test_allocation_below_the_limit_succeeds(spawner: Spawner) -> None:
     out, status = run_probe(spawner, Jail("renderer").memory("64M"), "alloc", "16")
     assert status.code == 0 and out.strip() == "allocated"
 
 
+@needs_limits
 def test_forking_past_the_pids_limit_fails(spawner: Spawner) -> None:
     out, status = run_probe(spawner, Jail("renderer").pids(8), "fork", "20")
     assert status.code == 0, status.describe()

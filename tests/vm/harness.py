@@ -1,6 +1,7 @@
-"""Run a focused pytest selection inside a qemu VM with a pure cgroup v2 kernel.
+"""Run a focused pytest selection inside a qemu VM, on each cgroup layout, as root and rootless.
 
-    .venv/bin/python tests/vm/harness.py [--selection FILE] [--timeout S]   (make test-vm)
+    .venv/bin/python tests/vm/harness.py [--selection FILE] [--layouts v2,hybrid,v1]
+                                         [--timeout S]                      (make test-vm)
 
 Built from Debian packages only: Debian's cloud kernel (`apt-get download`, `dpkg-deb -x`),
 busybox-static for the userland, and this machine's Python with the project's dependencies.
@@ -8,14 +9,16 @@ The root image (interpreter tree with compiled bytecode, the libraries `ldd` nam
 dependencies in a venv, busybox, a passwd with an unprivileged test user) is an ext4 file made
 without mounting anything (`mkfs.ext4 -d`), cached under build/vm/<key> where the key hashes
 every input; a second run skips the build. Each run makes a small second disk with the
-project's sources and the selection. The VM boots under TCG (KVM hangs on these machines), an
-initramfs loads the virtio modules and switches to the root image; the guest script
-(tests/vm/guest.sh) mounts cgroup2 with every controller enabled, sets up zram swap, runs the
-selection as root and prints the results and `fos-host doctor --json` on the serial console,
-which is streamed here; the doctor's report of the VM and of this machine are kept beside the
-console log in build/vm/run/.
-The exit status is pytest's inside the VM (5, nothing collected, counts as success), or 1
-when the VM did not report one.
+project's sources and the selection. The VM boots under TCG (KVM hangs on these machines) once
+per layout (`fos.cgroup=` on the kernel command line); an initramfs loads the virtio modules
+and switches to the root image; the guest script (tests/vm/guest.sh) mounts that layout (pure
+cgroup2 with every controller, hybrid, or pure v1), sets up zram swap, runs the selection as
+root and then as uid 1000 in a delegated cgroup, and prints `fos-host doctor --json` for
+both on the serial console, which is streamed here. Kept in build/vm/run/: the console logs,
+the doctor reports (the VM's and this machine's), and matrix.md, each test's outcome per
+layout and user, read from the junit files the runs leave on the second disk.
+The exit status is 0 when every run passed (pytest's 5, nothing collected, counts as a pass),
+else the first failing boot's (1 when a VM did not report one).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from xml.etree import ElementTree
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -51,8 +55,9 @@ GUEST_MODULES = ("mm/zsmalloc.ko", "crypto/lzo-rle.ko", "drivers/block/zram/zram
 SKIP_PACKAGES = re.compile(r"^(mypy|mypyc|ruff|pip|librt|ast_serialize|__editable__|fos_host)")
 SKIP_STDLIB = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "__pycache__"}
 MARK = "FOS-VM:"
-DOCTOR = "FOS-VM-DOCTOR: "
+DOCTOR = re.compile(r"FOS-VM-DOCTOR ([\w-]+): (.*)")
 DEFAULT_SELECTION = HERE / "selection.txt"
+LAYOUTS = ("v2", "hybrid", "v1")  # guest.sh mounts the one named by fos.cgroup=
 
 
 def log(msg: str) -> None:
@@ -184,7 +189,9 @@ def stage_root(root: Path, kernel: Path) -> None:
     for d in ("proc", "sys", "dev", "tmp", "work", "run", "root", "etc", "lib/modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "tmp", 0o1777)
-    os.chmod(root / "root", 0o700)
+    # 0755, not 0700: the interpreter lives below /root (the same path as here) and the
+    # unprivileged run (uid 1000) must reach it
+    os.chmod(root / "root", 0o755)
     (root / "etc/ld.so.conf").write_text("/lib/x86_64-linux-gnu\n/usr/lib/x86_64-linux-gnu\n")
     (root / "etc/passwd").write_text(
         "root:x:0:0:root:/root:/bin/sh\nfos-rootless:x:1000:1000::/tmp:/bin/sh\n"
@@ -283,6 +290,9 @@ def build(key: str, kernel_pkg: str) -> Path:
 
 # -- a run -------------------------------------------------------------------------------
 
+USERS = ("root", "rootless")
+MARKS = {"passed": "pass", "skipped": "skip", "failed": "FAIL"}
+
 
 def make_work_disk(selection: list[str], run_dir: Path) -> Path:
     src = run_dir / "work" / "src"
@@ -301,18 +311,20 @@ def make_work_disk(selection: list[str], run_dir: Path) -> Path:
     return image
 
 
-def boot(build_dir: Path, work: Path, console: Path, timeout: float) -> int:
+def boot(build_dir: Path, work: Path, layout: str, run_dir: Path, timeout: float) -> int:
+    """Boot the VM with cgroup `layout` and stream its console; returns its exit word."""
+    console = run_dir / f"console-{layout}.log"
     argv = [
         "qemu-system-x86_64", "-accel", "tcg", "-m", "2048", "-smp", "2",
         "-kernel", str(build_dir / "vmlinuz"), "-initrd", str(build_dir / "initrd"),
-        "-append", "console=ttyS0 panic=-1 quiet loglevel=3 psi=1",
+        "-append", f"console=ttyS0 panic=-1 quiet loglevel=3 psi=1 fos.cgroup={layout}",
         "-drive", f"file={build_dir / 'root.img'},format=raw,if=virtio,snapshot=on",
         "-drive", f"file={work},format=raw,if=virtio",
         "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
     ]  # fmt: skip
-    log("booting (qemu, TCG)")
+    log(f"booting (qemu, TCG) with the cgroup layout {layout}")
     rc: int | None = None
-    doctor: list[str] = []
+    doctor: dict[str, list[str]] = {}
     deadline = time.monotonic() + timeout
     with (
         open(console, "w") as out,
@@ -324,10 +336,11 @@ def boot(build_dir: Path, work: Path, console: Path, timeout: float) -> int:
         for raw in p.stdout:
             line = raw.decode(errors="replace").rstrip("\r\n")
             out.write(line + "\n")
-            print(f"  | {line}", flush=True)
-            if line.startswith(DOCTOR):
-                doctor.append(line[len(DOCTOR) :])
-                continue
+            d = DOCTOR.match(line)
+            if d:  # kept in the files, not shown
+                doctor.setdefault(d.group(1), []).append(d.group(2))
+            else:
+                print(f"  | {line}", flush=True)
             m = re.match(rf"{MARK} exit (\d+)", line)
             if m:
                 rc = int(m.group(1))
@@ -336,15 +349,24 @@ def boot(build_dir: Path, work: Path, console: Path, timeout: float) -> int:
                 p.kill()
                 break
         p.wait()
-    (console.parent / "doctor-vm.json").write_text("\n".join(doctor) + "\n")
+    for who, lines in doctor.items():
+        (run_dir / f"doctor-vm-{who}.json").write_text("\n".join(lines) + "\n")
     return 1 if rc is None else rc
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--selection", type=Path, default=DEFAULT_SELECTION)
-    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help=f"cgroup layouts to boot, comma-separated (default: {','.join(LAYOUTS)})",
+    )
+    ap.add_argument("--timeout", type=float, default=600.0, help="per boot, seconds")
     a = ap.parse_args(argv)
+    layouts = a.layouts.split(",")
+    if bad := [x for x in layouts if x not in LAYOUTS]:
+        ap.error(f"unknown layout {bad[0]!r}: choose from {', '.join(LAYOUTS)}")
     for tool in ("qemu-system-x86_64", "mkfs.ext4", "cpio", "busybox"):
         if shutil.which(tool) is None and not Path(f"/bin/{tool}").exists():
             raise SystemExit(f"[vm] {tool} is missing: scripts/bootstrap installs it")
@@ -360,10 +382,59 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "fos_host.cli", "doctor", "--json"], capture_output=True, text=True
     )
     (run_dir / "doctor-host.json").write_text(host_doctor.stdout)
-    rc = boot(build_dir, work, run_dir / "console.log", a.timeout)
-    log(f"pytest in the VM: exit {rc}; kept in {run_dir.relative_to(REPO)}: console.log, "
-        "doctor-vm.json, doctor-host.json")  # fmt: skip
-    return 0 if rc == 5 else rc
+    results = {}
+    for layout in layouts:
+        results[layout] = boot(build_dir, work, layout, run_dir, a.timeout)
+    log("pytest in the VM (0 = both runs passed): "
+        + ", ".join(f"{k} exit {v}" for k, v in results.items()))  # fmt: skip
+    cells = [f"{layout}-{user}" for layout in layouts for user in USERS]
+    (run_dir / "matrix.md").write_text(matrix(read_results(work, run_dir), cells))
+    kept = "matrix.md (each test's outcome per layout and user), console-<layout>.log, "
+    kept += "doctor-vm-<layout>-<user>.json, doctor-host.json"
+    log(f"kept in {run_dir.relative_to(REPO)}: {kept}")
+    return next((rc for rc in results.values() if rc not in (0, 5)), 0)
+
+
+def read_results(work: Path, run_dir: Path) -> dict[str, dict[str, str]]:
+    """The junit XML files the runs left on the work disk → {cell: {test id: outcome}}."""
+    out = run_dir / "results"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    # debugfs reads the ext4 image without mounting it; it reports errors on stderr only
+    cp = subprocess.run(["debugfs", "-R", f"rdump /results {out}", str(work)],
+                        capture_output=True, text=True)  # fmt: skip
+    found: dict[str, dict[str, str]] = {}
+    for xml in sorted((out / "results").glob("*.xml")):
+        outcomes: dict[str, str] = {}
+        for case in ElementTree.parse(xml).iter("testcase"):
+            test = f"{case.get('classname', '').replace('.', '/')}.py::{case.get('name')}"
+            kinds = {child.tag for child in case}
+            outcome = "failed" if kinds & {"failure", "error"} else "passed"
+            outcomes[test] = "skipped" if "skipped" in kinds else outcome
+        found[xml.stem] = outcomes
+    if not found:
+        log(f"no results on the work disk: {cp.stderr.strip()}")
+    return found
+
+
+def matrix(found: dict[str, dict[str, str]], cells: list[str]) -> str:
+    """A markdown table: one row per test, one column per layout and user."""
+    tests = sorted({t for outcomes in found.values() for t in outcomes})
+    lines = [
+        "# Each test's outcome in the VM, per cgroup layout and user (tests/vm/harness.py)",
+        "",
+        "| test | " + " | ".join(cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    for test in tests:
+        marks = [MARKS.get(found.get(c, {}).get(test, ""), "-") for c in cells]
+        lines.append(f"| {test} | " + " | ".join(marks) + " |")
+    totals = []
+    for c in cells:
+        counts = {o: list(found.get(c, {}).values()).count(o) for o in MARKS}
+        totals.append(" / ".join(str(counts[o]) for o in MARKS))
+    lines.append("| passed / skipped / failed | " + " | ".join(totals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

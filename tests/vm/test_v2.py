@@ -1,24 +1,29 @@
 """Sandboxes on a pure cgroup v2 kernel: limits, events, freeze, kill, PSI and reclaim, for real.
 
 Runs in the VM (make test-vm, tests/vm/harness.py: Debian's cloud kernel, cgroup2 only, every
-controller enabled, root, zram swap); skips on any other layout.
+controller enabled, zram swap), as root and as an unprivileged user in a delegated cgroup;
+skips on any other layout.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import select
+import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
+from limits import needs_limits
 
 from fos_host.errors import ConfigError
 from fos_host.kernel import proc
-from fos_host.kernel.cgroup import Layout, Limits, V2Cgroup, detect
+from fos_host.kernel.cgroup import V2_KEY, Layout, Limits, V2Cgroup, detect
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import Spawner
 
@@ -39,9 +44,10 @@ pytestmark = [
         reason=f"needs a pure cgroup v2 hierarchy, this machine's is "
         f"{LAYOUT.value if LAYOUT else 'none'}: run it in the VM (make test-vm)",
     ),
-    pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes with cgroup limits: needs root"),
+    needs_limits,
 ]
 PSI = Path("/proc/pressure/memory").exists()
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="moves other processes: needs root")
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +270,123 @@ def test_memory_reclaim_moves_anonymous_memory_to_swap(spawner: Spawner) -> None
         assert p.sb.poll() is None
     grew = stolen is not None and stolen_after is not None and stolen_after > stolen
     assert after < before or grew, (before, after, stolen, stolen_after)
+
+
+# -- a host alone in its delegated cgroup moves into a leaf (HostCgroups, cgroup.Leaf) -------
+
+
+def _v2_path() -> str:
+    text = Path("/proc/self/cgroup").read_text()
+    return next(line[3:] for line in text.splitlines() if line.startswith("0::"))
+
+
+def _as_host_in(cgroup: Path, body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run `body` in a forked child that first joins `cgroup`; its result comes back as JSON
+    (or the error it raised, as {"error": text})."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            (cgroup / "cgroup.procs").write_text("0")
+            try:
+                out = body()
+            except Exception as e:  # handed to the test as data
+                out = {"error": f"{type(e).__name__}: {e}"}
+            os.write(w, json.dumps(out).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the host child failed"
+    return dict(json.loads(data))
+
+
+def _dirs_in(cgroup: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(cgroup) if e.is_dir())
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """An empty cgroup below this process's own, with the limit controllers available."""
+    own = detect().own_dir(V2_KEY)
+    assert own is not None
+    d = own / f"fos-scratch-{os.getpid()}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                d.rmdir()
+                break
+            except OSError as e:  # EBUSY until the last child is reaped
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+
+@as_root
+def test_a_host_alone_in_its_cgroup_moves_into_a_leaf_and_back(scratch: Path) -> None:
+    def host() -> dict[str, Any]:
+        before = _v2_path()
+        h = detect().open_host()
+        inside = _v2_path()
+        cg = h.create("sb-leaf", Limits(memory_max=32 * MiB, pids_max=8))
+        limits = [(cg.dirs[V2_KEY] / f).read_text().strip() for f in ("memory.max", "pids.max")]
+        enabled = (scratch / "cgroup.subtree_control").read_text().split()
+        h.close()
+        return {
+            "before": before,
+            "inside": inside,
+            "name": h.name,
+            "limits": limits,
+            "enabled": enabled,
+            "after": _v2_path(),
+            "restored": (scratch / "cgroup.subtree_control").read_text().split(),
+            "left": _dirs_in(scratch),
+        }
+
+    out = _as_host_in(scratch, host)
+    assert "error" not in out, out
+    assert out["inside"] == f"{out['before']}/{out['name']}.host"
+    assert out["limits"] == [str(32 * MiB), "8"]
+    assert {"memory", "pids", "cpu"} <= set(out["enabled"])
+    assert out["after"] == out["before"]
+    assert out["restored"] == [] and out["left"] == []
+
+
+@as_root
+def test_a_host_that_shares_its_cgroup_names_the_pids_in_the_way(scratch: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (scratch / "cgroup.procs").write_text(str(sleeper.pid))
+
+        def host() -> dict[str, Any]:
+            before = _v2_path()
+            with detect().open_host() as h:
+                try:
+                    h.create("sb-blocked", Limits(memory_max=32 * MiB))
+                    refused = ""
+                except ConfigError as e:
+                    refused = str(e)
+                return {"before": before, "during": _v2_path(), "refused": refused,
+                        "leaf": h.leaf is not None}  # fmt: skip
+
+        out = _as_host_in(scratch, host)
+        assert (scratch / "cgroup.subtree_control").read_text().split() == []
+        assert _dirs_in(scratch) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert "error" not in out, out
+    assert out["during"] == out["before"] and out["leaf"] is False  # it went back at once
+    refused = str(out["refused"])
+    assert f"pids {sleeper.pid}" in refused, refused
+    assert "start fos-host alone in its delegated cgroup" in refused, refused
