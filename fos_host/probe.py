@@ -294,6 +294,54 @@ def fork_many(n: int) -> int:
     return len(kids)
 
 
+def serve_ipc(fd: int) -> None:
+    """Serve the `Probe` interface on the SEQPACKET socket `fd` until the host closes it."""
+    import asyncio
+
+    from fos_host.interfaces.probe import Probe, ProbeFailed
+    from fos_host.ipc.channel import Channel
+    from fos_host.ipc.interface import Endpoint
+    from fos_host.ipc.shm import seal_bytes
+    from fos_host.ipc.wire import EventFd, Memfd, Socket
+
+    class Service:
+        def echo(self, data: bytes) -> bytes:
+            return data
+
+        def read_memfd(self, memfd: Memfd) -> bytes:
+            with memfd:
+                size = os.fstat(memfd.fd).st_size
+                return os.pread(memfd.fd, size, 0)
+
+        def sealed(self, data: bytes) -> Memfd:
+            return Memfd(seal_bytes(data, "fos-probe"))
+
+        def send_on(self, sock: Socket, data: bytes) -> int:
+            with sock:
+                try:
+                    return os.write(sock.fd, data)
+                except OSError as e:
+                    raise ProbeFailed(f"write: {e.strerror}") from e
+
+        def read_eventfd(self, eventfd: EventFd) -> int:
+            with eventfd:
+                return os.eventfd_read(eventfd.fd)
+
+        def exit_now(self, code: int) -> None:
+            os._exit(code)
+
+        def identity(self) -> list[int]:
+            return [os.getpid(), os.getuid()]
+
+    async def run() -> None:
+        channel = Channel(socket.socket(fileno=fd), name="probe")
+        endpoint = Endpoint(channel, {Probe: Service()})
+        await endpoint.connect()
+        await endpoint.wait_closed()
+
+    asyncio.run(run())
+
+
 def main(*argv: str) -> int:
     args = list(argv) or sys.argv[1:]
     cmd, rest = (args[0], args[1:]) if args else ("report", [])
@@ -320,6 +368,8 @@ def main(*argv: str) -> int:
         grow()
     elif cmd == "family":
         family(int(rest[0]))
+    elif cmd == "ipc":
+        serve_ipc(int(rest[0]) if rest else 3)
     else:
         sys.stderr.write(f"probe: unknown command {cmd!r}\n")
         return 2

@@ -35,12 +35,12 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from cgroupspy.controllers import Controller, CpuController, MemoryController
 from cgroupspy.nodes import Node
 
+from fos_host.closing import Closing
 from fos_host.errors import ConfigError, FosError, StepError
 from fos_host.kernel import proc
 from fos_host.paths import data_dir
@@ -319,20 +319,14 @@ def _unique(paths: Iterable[Path]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def _proc_starttime(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (clock ticks after boot), None if there is no such pid."""
-    fields = proc.stat_fields(pid)
-    return None if fields is None else int(fields[22 - 3])
-
-
 def _host_alive(pid: int, starttime: int) -> bool:
-    return _proc_starttime(pid) == starttime
+    return proc.starttime(pid) == starttime
 
 
 def host_dir_name() -> str:
     """`fos.<pid>.<starttime>` of this process: its host directory in every hierarchy."""
     pid = os.getpid()
-    return f"fos.{pid}.{_proc_starttime(pid)}"
+    return f"fos.{pid}.{proc.starttime(pid)}"
 
 
 def home_path(path: str) -> str:
@@ -1075,7 +1069,7 @@ def _not_writable(d: Path) -> str:
     return f"{d} is not writable by uid {os.geteuid()} (no delegated cgroup)"
 
 
-class HostCgroups:
+class HostCgroups(Closing):
     """The host's own directory in each hierarchy; sandboxes are created below it.
 
     A context manager: `close()` kills and removes everything below and the directory itself.
@@ -1100,17 +1094,6 @@ class HostCgroups:
 
     def __repr__(self) -> str:
         return f"<HostCgroups {self.name} {self.system.layout.value} {sorted(self.controllers)}>"
-
-    def __enter__(self) -> HostCgroups:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @classmethod
     def _create(cls, system: CgroupSystem, name: str) -> HostCgroups:

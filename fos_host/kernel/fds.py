@@ -2,8 +2,9 @@
 
 Child half: `install_fds` moves the passed fds onto their target numbers (3, 4, … or as
 asked) and closes every other fd; the kept ones lose FD_CLOEXEC so they survive an exec.
-Host half: `send_fds` / `recv_fds` with SCM_RIGHTS over a SEQPACKET socket, and
-`open_fd_count` for leak checks.
+Host half: `send_fds` / `recv_fds` with SCM_RIGHTS over a SEQPACKET socket, `fd_kind` (what
+a received fd really is, for the IPC layer's typed handles), and `open_fd_count` for leak
+checks.
 """
 
 from __future__ import annotations
@@ -54,3 +55,22 @@ def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, lis
             os.close(fd)
         raise OSError("message or its file descriptors were truncated")
     return data, fds
+
+
+def fd_kind(fd: int) -> str:
+    """What an fd is, from its /proc/self/fd link: "memfd", "socket", "pidfd", "eventfd",
+    "pipe", "file", or the anon inode's name ("anon:<name>")."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise OSError(e.errno, f"fd {fd}: {e.strerror}") from e
+    if target.startswith("/memfd:"):
+        return "memfd"
+    if target.startswith("socket:"):
+        return "socket"
+    if target.startswith("pipe:"):
+        return "pipe"
+    if target.startswith("anon_inode:"):
+        name = target[len("anon_inode:") :].strip("[]")
+        return name if name in ("pidfd", "eventfd") else f"anon:{name}"
+    return "file"

@@ -44,6 +44,13 @@ def stat_fields(pid: int | str = "self") -> list[str] | None:
     return stat[stat.rindex(b")") + 2 :].decode("ascii", "replace").split()
 
 
+def starttime(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot), None if there is no such pid:
+    with the pid, it names a process for good (a pid alone is reused)."""
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[22 - 3])
+
+
 def host_ppid() -> int:
     """The parent's pid as the mounted /proc sees it (getppid() says 0 for a parent outside
     the caller's pid namespace)."""

@@ -25,9 +25,9 @@ import select
 import signal
 import struct
 import time
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from fos_host.closing import Closing
 from fos_host.errors import ConfigError, StepError
 from fos_host.kernel import libc
 
@@ -243,7 +243,7 @@ def _export(flt: Any, kind: str) -> bytes:
         return out.read()
 
 
-class Learner:
+class Learner(Closing):
     """Host half of learn mode: serves the user-notification fd of a learn-mode filter.
 
     Each notification is recorded and answered with SECCOMP_USER_NOTIF_FLAG_CONTINUE, so the
@@ -298,17 +298,6 @@ class Learner:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)
-
-    def __enter__(self) -> Learner:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # --- child half ----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import signal
 from dataclasses import asdict, dataclass
 from types import TracebackType
 
+from fos_host.closing import Closing
 from fos_host.errors import ConfigError, FosError
 from fos_host.kernel import cgroup, proc, seccomp
 from fos_host.kernel.cgroup import Cgroup, HostCgroups, Limits
@@ -69,7 +70,7 @@ class ExitStatus:
         return text
 
 
-class Sandbox:
+class Sandbox(Closing):
     """A running sandbox. Context manager: leaving it kills, reaps and removes everything."""
 
     def __init__(
@@ -147,14 +148,6 @@ class Sandbox:
             os.close(self.pidfd)
             self.pidfd = -1
         self._spawner._forget(self)
-
-    def __enter__(self) -> Sandbox:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class Spawner:

@@ -266,10 +266,11 @@ def _contain(
 def _await_order(status: socket.socket, order_fd: int) -> tuple[Order, list[int]]:
     """A spare: the order channel takes the status channel's fd number, which closes the
     launcher's channel (EOF: the spare is ready); then wait for the order and its fds.
-    From here on, failures are reported to whoever sent the order."""
+    From here on, failures are reported to whoever sent the order. Named "fos-spare" first,
+    so that a ready spare always shows as one."""
+    proc.set_name("fos-spare")
     os.dup2(order_fd, status.fileno(), inheritable=False)
     os.close(order_fd)
-    proc.set_name("fos-spare")
     try:
         raw, got = fds.recv_fds(status, MAX_ORDER, MAX_ORDER_FDS)
     except OSError as e:

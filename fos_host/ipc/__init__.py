@@ -1,0 +1,1 @@
+"""IPC between the host and its sandboxes: messages, sealed memfds, shared buffers."""
