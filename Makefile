@@ -28,9 +28,10 @@ lint: bootstrap
 	.venv/bin/ruff format --check
 	.venv/bin/mypy
 
-# Spawn latency and memory against peers, measured in the same run.
+# Spawn latency and memory, then IPC round trips and transfers, against peers measured in the same run.
 bench: bootstrap
 	@$(PY) -m fos_host.cli bench spawn
+	@$(PY) -m fos_host.cli bench ipc
 
 bootstrap:
 	@scripts/bootstrap

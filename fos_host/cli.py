@@ -5,6 +5,7 @@
     fos-host doctor [--json]                 what this machine's kernel allows, and fixes
     fos-host seccomp dump PROFILE            the compiled filter, readable (PFC)
     fos-host bench spawn [--json]            spawn latency and memory against peers
+    fos-host bench ipc [--json]              IPC round trips and transfers against peers
 
 Every error is one line on stderr; bad flags, policies and missing kernel features exit 2.
 """
@@ -69,10 +70,24 @@ def _parser() -> argparse.ArgumentParser:
     dump = scs.add_parser("dump", help="print a profile's compiled filter (PFC)")
     dump.add_argument("profile")
 
-    bench = sub.add_parser("bench", help="benchmarks against peers, measured in the same run")
-    bench.add_argument("what", choices=("spawn",))
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks against peers, measured in the same run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples (what is measured: benchmarks/README.md):\n"
+        "  fos-host bench spawn --runs 200\n"
+        "  fos-host bench ipc --json     # ~20 s; one JSON object\n"
+        "  fos-host bench ipc --quick    # a few calls, to see it works",
+    )
+    bench.add_argument("what", choices=("spawn", "ipc"))
     bench.add_argument("--json", action="store_true")
-    bench.add_argument("--runs", type=int, default=200)
+    bench.add_argument(
+        "--runs",
+        type=int,
+        help="spawn: runs per method; ipc: calls per method, size and placement in each round",
+    )
+    bench.add_argument("--rounds", type=int, help="ipc: rounds, the methods interleaved in each")
+    bench.add_argument("--quick", action="store_true", help="ipc: a few calls, to see it works")
     return p
 
 
@@ -168,9 +183,15 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "ipc":
+        from fos_host.bench_ipc import run_ipc_bench
+
+        return run_ipc_bench(runs=a.runs, rounds=a.rounds, quick=a.quick, as_json=a.json)
+    if a.rounds is not None or a.quick:
+        raise ConfigError("--rounds and --quick are options of bench ipc")
     from fos_host.bench import run_spawn_bench
 
-    return run_spawn_bench(runs=a.runs, as_json=a.json)
+    return run_spawn_bench(runs=200 if a.runs is None else a.runs, as_json=a.json)
 
 
 COMMANDS = {

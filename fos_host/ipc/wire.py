@@ -225,6 +225,8 @@ class Outgoing:
 
     def special(self, obj: Any) -> Any:
         """msgpack's hook for what it cannot pack itself."""
+        if isinstance(obj, Shared):
+            return obj.memory
         if isinstance(obj, Handle):
             if obj.closed:
                 raise FosError(f"cannot send {type(obj).__name__}: already closed or taken")
@@ -240,6 +242,8 @@ class Outgoing:
 
     def big_bytes_out(self, obj: Any) -> Any:
         """`obj` with every byte string above the inline limit moved to shared memory."""
+        if isinstance(obj, Shared):
+            obj = obj.memory
         if isinstance(obj, bytes | bytearray | memoryview):
             if len(obj) <= self.limits.inline_max:
                 return obj
@@ -274,11 +278,14 @@ def encode(
     values and dataclasses the list of their fields."""
     out = Outgoing(limits, pool)
     try:
-        payload = msgpack.packb(body, default=out.special, use_bin_type=True)
-        if len(payload) > limits.inline_max:  # it may hold a big byte string: walk it
-            out.fds, out.given = [], []
-            body = out.big_bytes_out(body)
+        if _big_at_top(body, limits.inline_max):  # do not pack 64 MiB only to find it big
+            payload = msgpack.packb(out.big_bytes_out(body), default=out.special, use_bin_type=True)
+        else:
             payload = msgpack.packb(body, default=out.special, use_bin_type=True)
+            if len(payload) > limits.inline_max:  # a big byte string deeper down, maybe
+                out.fds, out.given = [], []
+                body = out.big_bytes_out(body)
+                payload = msgpack.packb(body, default=out.special, use_bin_type=True)
         if len(out.fds) > limits.max_handles:
             raise FosError(f"{len(out.fds)} fds in one message (at most {limits.max_handles})")
         head = HEADER.pack(kind, 0, interface, method, len(out.fds), request_id, len(payload))
@@ -292,6 +299,14 @@ def encode(
         out.discard()
         raise
     return out
+
+
+def _big_at_top(body: Any, limit: int) -> bool:
+    """A byte string above `limit` among the arguments themselves (the usual place)."""
+    items = body if isinstance(body, list | tuple) else (body,)
+    return any(
+        isinstance(x, bytes | bytearray | memoryview | Shared) and len(x) > limit for x in items
+    )
 
 
 def peek_header(data: bytes) -> tuple[int, int, int, int, int, int, int]:
