@@ -232,9 +232,12 @@ class Channel:
         if msg.kind is Kind.RELEASE:
             match msg.body:
                 case [int(slot)] if self.pool is not None and 0 <= slot < self.pool.slots:
-                    self.pool.release(slot)
+                    try:
+                        self.pool.release(slot)
+                    except ShmError as e:  # a slot this side has not sent
+                        raise BadMessage(f"RELEASE: {e}") from e
                 case _:
-                    raise BadMessage(f"RELEASE of {msg.body!r}")
+                    raise BadMessage("a RELEASE that is not [a slot of this side's pool]")
             return True
         return False
 

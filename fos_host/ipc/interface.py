@@ -51,6 +51,7 @@ import hashlib
 import inspect
 import itertools
 import logging
+import reprlib
 import types
 import typing
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -68,6 +69,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_INTERFACES = 64
 CONNECT_TIMEOUT = 10.0
 CALL_TIMEOUT = 30.0
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 40, 40
 MAX_EXPIRED = 4096  # request ids given up on that are remembered (their answers are dropped)
 
 
@@ -91,6 +94,11 @@ class SchemaMismatch(FosError):
 # -- types: checking what arrives, converting what leaves ------------------------------------
 
 Check = Callable[[Any, str, Channel], Any]  # (value, where, channel) -> the typed value
+
+
+def _short(value: Any) -> str:
+    """A repr for a reason, whatever the peer sent (deep, long): bounded in depth and size."""
+    return _REPR.repr(value)
 
 
 def _bad(where: str, want: str, value: Any) -> BadMessage:
@@ -194,7 +202,7 @@ def _checker(tp: Any) -> Check:
             try:
                 return members[v]
             except (KeyError, TypeError):
-                raise BadMessage(f"{where}: {v!r} is not a {tp.__name__}") from None
+                raise BadMessage(f"{where}: {_short(v)} is not a {tp.__name__}") from None
 
         return enumeration
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
@@ -224,7 +232,10 @@ def _checker(tp: Any) -> Check:
         def mapping(v: Any, where: str, ch: Channel) -> Any:
             if not isinstance(v, dict):
                 raise _bad(where, _type_name(tp), v)
-            return {k: value(x, f"{where}[{k!r}]", ch) for k, x in v.items()}
+            for k in v:
+                if not isinstance(k, str):
+                    raise BadMessage(f"{where}: a key that is {type(k).__name__}, not str")
+            return {k: value(x, f"{where}[{_short(k)}]", ch) for k, x in v.items()}
 
         return mapping
     if origin in (typing.Union, types.UnionType):
@@ -653,12 +664,15 @@ class Endpoint:
             raise BadMessage(f"a {msg.kind.name} for request {rid} names another method")
         where = f"{spec.name}() answer"
         if msg.kind is Kind.ERROR:
+            error = _error(entry.iface, spec, msg.body)  # before the call stops pending
             self._pending.pop(rid, None)
-            _deliver(waiter, _error(entry.iface, spec, msg.body))
+            _deliver(waiter, error)
             return
         if isinstance(waiter, _Stream) != (msg.kind in (Kind.EVENT, Kind.END)):
             raise BadMessage(f"a {msg.kind.name} for {spec.name}, which is not a stream")
         if msg.kind is Kind.END:
+            if msg.body != []:
+                raise BadMessage(f"an END for {spec.name} with a body")
             self._pending.pop(rid, None)
             waiter.queue.put_nowait(("end", None))  # type: ignore[union-attr]
             return
