@@ -38,6 +38,7 @@ from fos_host.ipc.wire import (
     Outgoing,
     PoolRef,
     Shared,
+    close_handles_in,
     decode,
     encode,
 )
@@ -111,8 +112,10 @@ class Channel:
 
     def send(self, kind: Kind, interface: int, method: int, request_id: int, body: object) -> None:
         """Encode and send a message now, or queue it when the socket is full. Handles in
-        `body` are handed over (closed here once sent). Raises ChannelClosed if closed."""
+        `body` are handed over (closed here once sent, or at once if the channel is closed).
+        Raises ChannelClosed if closed."""
         if self.closed:
+            close_handles_in(body)
             raise self.closed
         out = encode(kind, interface, method, request_id, body, self.limits, self._to_pool)
         if self._queue or not self._try_send(out):

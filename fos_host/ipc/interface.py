@@ -60,7 +60,16 @@ from typing import Any, ClassVar, TypeVar
 
 from fos_host.errors import FosError
 from fos_host.ipc.channel import Channel, ChannelClosed
-from fos_host.ipc.wire import HANDLE_TYPES, BadMessage, Handle, Kind, Message, PoolRef, Shared
+from fos_host.ipc.wire import (
+    HANDLE_TYPES,
+    BadMessage,
+    Handle,
+    Kind,
+    Message,
+    PoolRef,
+    Shared,
+    close_handles_in,
+)
 
 log = logging.getLogger(__name__)
 
@@ -625,6 +634,7 @@ class Endpoint:
         """Send an answer; False if it could not go (the channel is closed, or the value
         cannot travel, in which case the caller gets an ERROR instead)."""
         if self.closed:
+            close_handles_in(body)
             return False
         try:
             self.channel.send(kind, 0, spec.ordinal, rid, body)
@@ -632,6 +642,7 @@ class Endpoint:
         except ChannelClosed:
             return False
         except FosError as e:  # too big, or a type that cannot be sent
+            close_handles_in(body)
             log.error("%s: the answer cannot be sent: %s", spec.name, e)
             with contextlib.suppress(ChannelClosed):
                 text = f"{spec.name}: the answer cannot be sent: {e}"

@@ -139,6 +139,22 @@ def receive_handle(fd: int) -> Handle:
     return cls(fd)
 
 
+def close_handles_in(body: Any) -> None:
+    """Close every Handle in a body that will not be sent (its channel is closed): they
+    were handed over, so nobody else will."""
+    if isinstance(body, Handle):
+        body.close()
+    elif isinstance(body, list | tuple):
+        for item in body:
+            close_handles_in(item)
+    elif isinstance(body, dict):
+        for item in body.values():
+            close_handles_in(item)
+    elif dataclasses.is_dataclass(body) and not isinstance(body, type):
+        for f in dataclasses.fields(body):
+            close_handles_in(getattr(body, f.name))
+
+
 @dataclass(frozen=True)
 class PoolRef:
     """A slot of the sender's BufferPool as it arrives; the channel turns it into a view."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import enum
 import fcntl
 import hashlib
@@ -125,6 +126,9 @@ class Store(Interface, version=2):
     @method(9)
     async def digest(self, data: Shared) -> str: ...
 
+    @method(10)
+    async def later_memfd(self, seconds: float) -> Memfd: ...
+
 
 class StoreV1(Interface, version=1):
     """The same interface as an older peer has it (the name must match on the wire)."""
@@ -171,6 +175,11 @@ class StoreImpl:
 
     def broken(self) -> int:
         raise KeyError("the secret internal detail")
+
+    async def later_memfd(self, seconds: float) -> Memfd:
+        with contextlib.suppress(asyncio.CancelledError):  # finishes even when cancelled,
+            await asyncio.sleep(seconds)  # as work done in a thread would
+        return Memfd(os.memfd_create("answer"))
 
     def digest(self, data: Shared) -> str:
         self.seen.append(type(data.memory.obj).__name__)  # mmap: in the pool, in place
@@ -240,6 +249,20 @@ def test_shared_bytes_are_read_in_place_and_their_slot_comes_back() -> None:
         await server.wait_closed()
 
     run(go())
+
+
+def test_an_answer_with_a_handle_to_a_caller_that_left_is_closed() -> None:
+    async def go() -> None:
+        client, server, store = await connected()
+        call = asyncio.ensure_future(store.later_memfd(0.1))
+        await asyncio.sleep(0.02)
+        client.close()  # the server's answer, a memfd, now has nowhere to go
+        with pytest.raises(ChannelClosed):
+            await call
+        await server.wait_closed()
+        await asyncio.sleep(0.2)  # the implementation returns its memfd meanwhile
+
+    run(go())  # no_fd_leak: the memfd was closed, not dropped
 
 
 def test_declared_errors_arrive_typed_and_others_without_details() -> None:
