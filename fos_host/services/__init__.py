@@ -1,0 +1,1 @@
+"""The service processes the host brokers renderers' requests to: network, storage, compositor."""
