@@ -1,0 +1,1 @@
+"""The host proper: tabs and their tiers, sites and locks, lifecycle policy, control API."""
