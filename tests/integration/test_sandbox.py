@@ -130,8 +130,23 @@ def test_seccomp_kill_names_the_syscall(spawner: Spawner) -> None:
 
 
 def test_kill_ends_the_whole_sandbox(spawner: Spawner) -> None:
-    sb = spawner.spawn(Jail("renderer"), entry="fos_host.probe:main", args=("fork", "3"))
-    with sb:
-        sb.kill()
-        status = sb.wait(timeout=10)
+    r, w = os.pipe()
+    try:  # a probe with three children that stay until killed; "!" once they all exist
+        jail = Jail("renderer").pass_fd(w, 1)
+        sb = spawner.spawn(jail, entry="fos_host.probe:main", args=("family", "3"))
+        os.close(w)
+        w = -1
+        with sb:
+            assert os.read(r, 1) == b"!"
+            cg = sb.cgroup  # None only rootless without a delegated cgroup
+            members = cg.pids() if cg is not None else None
+            sb.kill()
+            status = sb.wait(timeout=10)
+            left = cg.pids() if cg is not None else None
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
     assert status.signal == 9
+    if members is not None:
+        assert len(members) == 4 and left == []  # the probe and its three children, gone
