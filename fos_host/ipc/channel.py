@@ -224,6 +224,9 @@ class Channel:
             if self.peer_pool is not None:
                 raise BadMessage("a second pool")
             match msg.body:
+                case [int(slots), int(size), Memfd()] if slots * size > self.limits.max_pool:
+                    limit = self.limits.max_pool
+                    raise BadMessage(f"a pool of {slots} slots of {size} bytes (at most {limit})")
                 case [int(slots), int(size), Memfd() as memfd] if slots > 0 and size > 0:
                     try:
                         self.peer_pool = BufferPool.attach(memfd.take(), slots, size)

@@ -148,12 +148,14 @@ def _sealed_size(fd: int, required: int) -> int:
     return st.st_size
 
 
-def _map(fd: int, size: int, *, writable: bool) -> mmap.mmap:
-    """A shared mapping of `size` bytes of `fd`, page tables filled at once (MAP_POPULATE)
-    instead of one fault per page on first touch."""
+def _map(fd: int, size: int, *, writable: bool, populate: bool = False) -> mmap.mmap:
+    """A shared mapping of `size` bytes of `fd`. `populate` fills the page tables at once
+    (MAP_POPULATE) instead of one fault per page on first touch — only for memory this side
+    made: populating a peer's sparse memfd would allocate all of it, here."""
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
     try:
-        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot)
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
     except OSError as e:
         raise ShmError(f"cannot map {size} bytes of shared memory: {e.strerror}") from e
 
@@ -210,7 +212,7 @@ class BufferPool(Closing):
         try:
             os.ftruncate(fd, size)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, POOL_SEALS)
-            mm = _map(fd, size, writable=True)
+            mm = _map(fd, size, writable=True, populate=True)
             try:
                 _prefault(mm)
             except BaseException:

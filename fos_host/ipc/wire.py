@@ -75,7 +75,8 @@ class Limits:
     max_handles: int = 16  # fds per message
     max_outstanding: int = 256  # requests of the peer not yet answered
     inline_max: int = 16 * 1024  # byte strings above this go as sealed memfds
-    max_sealed: int = 1 << 30  # bytes in one sealed memfd
+    max_sealed: int = 256 << 20  # bytes of sealed memfds in one message, all together
+    max_pool: int = 256 << 20  # bytes of a pool the peer shares (slots times slot size)
 
 
 # -- handles ---------------------------------------------------------------------------------
@@ -367,6 +368,7 @@ def _decode(data: bytes, fds: list[int], limits: Limits, handles: list[Handle | 
         except OSError as e:
             raise BadMessage(f"an fd that cannot be inspected: {e}") from e
     used: set[int] = set()
+    sealed = [0]  # bytes of sealed memfds so far in this message
 
     def index(raw: bytes) -> int:
         if len(raw) != _U16.size:
@@ -389,7 +391,8 @@ def _decode(data: bytes, fds: list[int], limits: Limits, handles: list[Handle | 
                 raise BadMessage(f"sealed bytes in a {type(h).__name__}, not a memfd")
             handles[i] = None  # open_sealed owns (and closes) the fd from here
             try:
-                with open_sealed(h.take(), limits.max_sealed) as view:
+                with open_sealed(h.take(), limits.max_sealed - sealed[0]) as view:
+                    sealed[0] += len(view)
                     return bytes(view.memory)
             except ShmError as e:
                 raise BadMessage(str(e)) from e

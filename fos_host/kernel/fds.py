@@ -10,6 +10,7 @@ checks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 
@@ -57,6 +58,16 @@ def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, lis
     return data, fds
 
 
+@functools.cache
+def _memfd_dev() -> int:
+    """The device of every memfd (the kernel's internal shmem mount), from one made here."""
+    fd = os.memfd_create("fos-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
+
+
 def fd_kind(fd: int) -> str:
     """What an fd is, from its /proc/self/fd link: "memfd", "socket", "pidfd", "eventfd",
     "pipe", "file", or the anon inode's name ("anon:<name>")."""
@@ -64,8 +75,8 @@ def fd_kind(fd: int) -> str:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError as e:
         raise OSError(e.errno, f"fd {fd}: {e.strerror}") from e
-    if target.startswith("/memfd:"):
-        return "memfd"
+    if target.startswith("/memfd:"):  # or a file a peer named "memfd:x" in its own mounts
+        return "memfd" if os.fstat(fd).st_dev == _memfd_dev() else "file"
     if target.startswith("socket:"):
         return "socket"
     if target.startswith("pipe:"):

@@ -35,10 +35,11 @@ from fos_host.ipc.interface import (
     SchemaMismatch,
     method,
 )
-from fos_host.ipc.shm import REQUIRED_SEALS, seal_bytes
+from fos_host.ipc.shm import POOL_SEALS, REQUIRED_SEALS, seal_bytes
 from fos_host.ipc.wire import (
     EXT_SEALED,
     HEADER,
+    BadMessage,
     EventFd,
     Kind,
     Limits,
@@ -46,7 +47,11 @@ from fos_host.ipc.wire import (
     PidFd,
     Shared,
     Socket,
+    decode,
 )
+from fos_host.kernel.libc import mount, unshare
+from fos_host.kernel.mounts import MS_PRIVATE, MS_REC
+from fos_host.kernel.namespaces import CLONE_NEWNS
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import Spawner
 
@@ -483,6 +488,72 @@ def test_an_unsealed_memfd_posing_as_sealed_bytes_is_refused() -> None:
         assert "F_SEAL_WRITE" in reason
     finally:
         os.close(memfd)
+
+
+def _sparse_memfd(size: int, seals: int) -> int:
+    """A memfd of `size` bytes that costs its maker nothing (a hole), sealed with `seals`."""
+    fd = os.memfd_create("sparse", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_a_pool_bigger_than_allowed_is_refused_before_it_is_mapped() -> None:
+    fd = _sparse_memfd(1 << 30, POOL_SEALS)  # 1 GiB that would land in the receiver's memory
+    try:
+
+        def steps(a: Attacker) -> None:
+            ref = msgpack.ExtType(1, (0).to_bytes(2, "little"))
+            a.send(a.message(Kind.POOL, 0, [1, 1 << 30, ref], rid=0, n_fds=1), [fd])
+
+        assert attack(steps) == f"a pool of 1 slots of {1 << 30} bytes (at most {256 << 20})"
+    finally:
+        os.close(fd)
+
+
+def test_sealed_bytes_count_against_one_total_per_message() -> None:
+    fds = [_sparse_memfd(600 << 10, REQUIRED_SEALS) for _ in range(2)]
+    try:
+
+        def steps(a: Attacker) -> None:
+            a.hello()
+            refs = [msgpack.ExtType(EXT_SEALED, i.to_bytes(2, "little")) for i in (0, 1)]
+            a.send(a.message(Kind.REQUEST, 1, [refs[0], refs[1], {}], n_fds=2), fds)
+
+        reason = attack(steps, Limits(max_sealed=1 << 20))
+        assert reason == f"sealed memfd of {600 << 10} bytes exceeds the limit of {424 << 10}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a private mount namespace: needs root")
+def test_a_file_named_like_a_memfd_is_not_a_memfd(tmp_path: Any) -> None:
+    """A peer can name a file "memfd:x" at the root of a mount of its own: /proc shows the
+    host "/memfd:x", the text a memfd's link has. The kind comes from the device instead."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:  # the "renderer", in a mount namespace of its own
+        code = 1
+        try:
+            unshare(CLONE_NEWNS)
+            mount(None, "/", None, MS_REC | MS_PRIVATE)
+            mount("tmpfs", str(tmp_path), "tmpfs", 0, "size=64k")
+            fd = os.open(tmp_path / "memfd:evil", os.O_CREAT | os.O_RDWR, 0o600)
+            body = [msgpack.ExtType(1, b"\0\0")]
+            message = Attacker.__new__(Attacker).message(Kind.REQUEST, 6, body, n_fds=1)
+            socket.send_fds(theirs, [message], [fd])
+            code = 0
+        finally:
+            os._exit(code)
+    theirs.close()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    data, fds, _, _ = socket.recv_fds(mine, 4096, 4)
+    mine.close()
+    assert os.readlink(f"/proc/self/fd/{fds[0]}") == "/memfd:evil"  # what a memfd shows
+    with pytest.raises(BadMessage, match="an fd of kind 'file'"):
+        decode(data, fds, Limits())
 
 
 def test_more_requests_in_flight_than_allowed_is_a_bad_message() -> None:
