@@ -1,0 +1,1 @@
+"""The reference renderer's engine: parse, extract, lay out, paint, snapshot and restore a page."""
