@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from attacks import host_targets
+from fdcheck import open_fds
 
 from fos_host.kernel import proc
 from fos_host.kernel.cgroup import home_path
@@ -90,3 +91,12 @@ def targets(tmp_path: Path) -> Iterator[dict[str, str]]:
     secret.write_text("host secret")
     with host_targets(str(secret), "fos-test") as t:
         yield t
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Every fd the test opened is closed at its end (IPC tests: `usefixtures`)."""
+    before = open_fds()
+    yield
+    left = open_fds() - before
+    assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left}

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import msgpack
 import pytest
+from fdcheck import open_fds, run
 
 from fos_host.interfaces.probe import Probe
 from fos_host.ipc.channel import Channel, ChannelClosed
@@ -59,24 +60,7 @@ T = TypeVar("T")
 MiB = 1 << 20
 
 
-def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = open_fds()
-    yield
-    # the listing's own fd differs between calls; anything else left open is a leak
-    left = {fd for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
-    assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left}
-
-
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 # -- a test interface ------------------------------------------------------------------------

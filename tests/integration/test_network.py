@@ -19,11 +19,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import pytest
 import trustme
+from fdcheck import run
 
 from fos_host.errors import ConfigError
 from fos_host.interfaces.network import (
@@ -45,16 +46,7 @@ MiB = 1 << 20
 SEALED = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
-def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = open_fds()
-    yield
-    left = {fd for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
-    assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left}
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 @pytest.fixture(autouse=True)
@@ -74,13 +66,6 @@ def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     return looked_up
-
-
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
 
 
 @contextlib.asynccontextmanager

@@ -11,11 +11,12 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from fdcheck import run
 
 from fos_host.interfaces.storage import (
     MAX_KEY,
@@ -36,24 +37,7 @@ MiB = 1 << 20
 A, B = "https://example.co.uk", "https://other.example"
 
 
-def open_fds() -> set[int]:
-    return {int(n) for n in os.listdir("/proc/self/fd")}
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = open_fds()
-    yield
-    # the listing's own fd differs between calls; anything else left open is a leak
-    left = {fd for fd in open_fds() - before if os.path.exists(f"/proc/self/fd/{fd}")}
-    assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left}
-
-
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 @contextlib.asynccontextmanager
