@@ -1194,13 +1194,20 @@ def _inner_processes(cgroup: Path) -> list[int]:
     return _read_pids(cgroup / "cgroup.procs")
 
 
-def _to_enable(own: Path) -> set[str]:
-    """The limit controllers `own` offers but does not yet enable for its children."""
+def _controllers(own: Path) -> tuple[set[str], set[str]]:
+    """The controllers `own` has (cgroup.controllers) and those it enables for its children
+    (cgroup.subtree_control)."""
     try:
         available = set(_read(own / "cgroup.controllers").split())
         enabled = set(_read(own / "cgroup.subtree_control").split())
     except OSError as e:
         raise FosError(f"cannot read the controllers of {own}: {e}") from e
+    return available, enabled
+
+
+def _to_enable(own: Path) -> set[str]:
+    """The limit controllers `own` offers but does not yet enable for its children."""
+    available, enabled = _controllers(own)
     return (available - enabled) & set(LIMIT_CONTROLLERS)
 
 
@@ -1213,11 +1220,7 @@ def _enable_v2(own: Path, host: Path, unavailable: dict[str, str]) -> set[str]:
     the own cgroup a thread root and its children invalid domains): `HostCgroups` moves the
     host into a `Leaf` first.
     """
-    try:
-        available = set(_read(own / "cgroup.controllers").split())
-        enabled = set(_read(own / "cgroup.subtree_control").split())
-    except OSError as e:
-        raise FosError(f"cannot read the controllers of {own}: {e}") from e
+    available, enabled = _controllers(own)
     inner = _inner_processes(own)
     done: set[str] = set()
     for ctrl in LIMIT_CONTROLLERS:
