@@ -6,11 +6,13 @@ because the renderer has no network and no files. The host knows the renderer's 
 site to every storage key itself, so a compromised renderer can neither read another site's
 pages nor its storage — it can only ask, and be refused with `NotAllowed`.
 
-The renderer offers `Renderer`: the host attaches a frame (a memfd of width*height*4 RGBA
-bytes that the renderer maps read-write and the host maps read-only, so a painted frame is
-never copied), then navigates, scrolls, snapshots and restores. Errors of `RendererHost` that
-a renderer method meets (`NotAllowed`, `FetchFailed`) are declared by `Renderer` too, so the
-host sees a refused navigation as `NotAllowed` rather than as an anonymous `RemoteError`.
+The renderer offers `RendererProcess` on its first channel, and `Renderer` on the channel of
+each view (a tab it shows; same-site tabs may share a renderer process): the host attaches a
+frame (a memfd of width*height*4 RGBA bytes that the renderer maps read-write and the host
+maps read-only, so a painted frame is never copied), then navigates, scrolls, snapshots and
+restores. Errors of `RendererHost` that a renderer method meets (`NotAllowed`,
+`FetchFailed`) are declared by `Renderer` too, so the host sees a refused navigation as
+`NotAllowed` rather than as an anonymous `RemoteError`.
 """
 
 from __future__ import annotations
@@ -18,15 +20,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fos_host.ipc.interface import Interface, RemoteError, method
-from fos_host.ipc.wire import Memfd
+from fos_host.ipc.wire import Memfd, Socket
 
 
 class NotAllowed(RemoteError):
     """The URL is of another site than the renderer's lock (or of no site at all)."""
 
 
+class Redirected(RemoteError):
+    """A fetch was redirected to another site: the message is the redirect's target URL.
+    Not the renderer's fault; the host moves the tab to a renderer of that site."""
+
+
 class FetchFailed(RemoteError):
     """The host could not fetch the URL (network failure, too big, too many redirects)."""
+
+
+class StorageRefused(RemoteError):
+    """The storage service refused (a bad key, the site's quota, a broken database)."""
 
 
 class NoPage(RemoteError):
@@ -50,7 +61,8 @@ class Fetched:
     final_url: str  # the URL the body came from, after redirects (each checked by the host)
     status: int
     content_type: str  # the Content-Type header as sent, "" if there was none
-    body: bytes
+    body: Memfd  # sealed against any change; the receiver owns (and closes) it
+    length: int  # bytes of body in `body`
 
 
 @dataclass
@@ -65,29 +77,52 @@ class PageInfo:
 class RendererHost(Interface, version=1):
     """What the host offers a renderer."""
 
-    errors = (NotAllowed, FetchFailed)
+    errors = (NotAllowed, FetchFailed, Redirected, StorageRefused)
 
     @method(0)
     async def fetch(self, url: str) -> Fetched:
-        """GET `url` on the renderer's behalf; `NotAllowed` if it (or a redirect's target)
-        is not of the renderer's site. Any HTTP status is an answer."""
+        """GET `url` on the renderer's behalf. A URL of another site than the renderer's
+        lock is a bad message: the host kills the renderer. A redirect to another site ends
+        the fetch with `Redirected`. Any HTTP status is an answer."""
         ...
 
     @method(1)
-    async def storage_get(self, key: str) -> bytes | None:
-        """The value stored under `key` for the renderer's site, None if there is none."""
+    async def storage_get(self, origin: str, key: str) -> bytes | None:
+        """The value stored under `key` for `origin` (the page's "scheme://host"), None if
+        there is none. An origin outside the renderer's lock is a bad message (killed)."""
         ...
 
     @method(2)
-    async def storage_set(self, key: str, value: bytes) -> None:
-        """Store `value` under `key` for the renderer's site (the host names the site)."""
+    async def storage_set(self, origin: str, key: str, value: bytes) -> None:
+        """Store `value` under `key` for `origin`; checked as `storage_get` is."""
+        ...
+
+
+class RendererProcess(Interface, version=1):
+    """What a renderer process offers the host on its first channel (fd 3): views. Each tab
+    the renderer shows is a view with a channel of its own, over which the host calls
+    `Renderer` and the renderer calls `RendererHost`; closing a view's channel drops the
+    view. The process exits when the host closes this first channel."""
+
+    @method(0)
+    async def open_view(self, channel: Socket) -> None:
+        """Serve a new view on `channel` (one end of a SEQPACKET socketpair)."""
         ...
 
 
 class Renderer(Interface, version=1):
     """What a renderer offers the host."""
 
-    errors = (NotAllowed, FetchFailed, NoPage, BadFrame, RestoreFailed, NoSuchControl)
+    errors = (
+        NotAllowed,
+        FetchFailed,
+        Redirected,
+        StorageRefused,
+        NoPage,
+        BadFrame,
+        RestoreFailed,
+        NoSuchControl,
+    )
 
     @method(0)
     async def attach_frame(self, frame: Memfd, width: int, height: int) -> None:
@@ -129,10 +164,11 @@ class Renderer(Interface, version=1):
 
     @method(7)
     async def local_get(self, key: str) -> bytes | None:
-        """The page's localStorage: `RendererHost.storage_get`, as a page script would."""
+        """The page's localStorage: `RendererHost.storage_get` for the page's origin, as a
+        page script would."""
         ...
 
     @method(8)
     async def local_set(self, key: str, value: bytes) -> None:
-        """The page's localStorage: `RendererHost.storage_set`, as a page script would."""
+        """The page's localStorage: `RendererHost.storage_set` for the page's origin."""
         ...

@@ -1,10 +1,11 @@
 """The renderer process: `fos_host.renderer.main:main`, run inside a renderer sandbox.
 
-It serves `Renderer` on the SEQPACKET socket at fd 3 and calls the host's `RendererHost`
-over the same channel, so it needs nothing else: no network (pages come from the host's
+It serves `RendererProcess` on the SEQPACKET socket at fd 3; each view (a tab) the host opens
+gets a channel of its own, on which it serves `Renderer` and calls the host's `RendererHost`.
+It needs nothing else: no network (pages come from the host's
 `fetch`, which enforces the site lock), no files (storage goes through the host), and no
 copy of the pixels (it paints into a shared memfd the host maps read-only). It runs until
-the host closes the channel, then exits 0.
+the host closes the first channel, then exits 0.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import mmap
 import os
 import socket
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from fos_host.interfaces.renderer import (
     BadFrame,
@@ -22,15 +24,32 @@ from fos_host.interfaces.renderer import (
     PageInfo,
     Renderer,
     RendererHost,
+    RendererProcess,
     RestoreFailed,
 )
 from fos_host.ipc.channel import Channel
 from fos_host.ipc.interface import Endpoint
-from fos_host.ipc.wire import Memfd
+from fos_host.ipc.wire import Memfd, Socket
 from fos_host.renderer.page import MAX_VIEWPORT, BadSnapshot, Page
 from fos_host.renderer.paint import frame_size
 
 CHANNEL_FD = 3
+HOST_CALL_TIMEOUT = 120.0  # the host bounds fetches itself (and answers within its bound)
+
+
+def origin_of(url: str) -> str:
+    """A page's origin as storage names it: "scheme://host[:port]"."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def read_body(body: Memfd, length: int) -> bytes:
+    """The bytes of a fetched body (the memfd is closed)."""
+    with body:
+        if length == 0:
+            return b""
+        with mmap.mmap(body.fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            return m[:length]
 
 
 def charset_of(content_type: str) -> str | None:
@@ -84,9 +103,8 @@ class RendererImpl:
     async def navigate(self, url: str) -> PageInfo:
         self._need_frame()
         fetched = await self.host().fetch(url)
-        page = Page.load(
-            fetched.final_url, fetched.body, self._viewport, charset_of(fetched.content_type)
-        )
+        body = read_body(fetched.body, fetched.length)
+        page = Page.load(fetched.final_url, body, self._viewport, charset_of(fetched.content_type))
         return self._show(page)
 
     def scroll(self, y: int) -> int:
@@ -122,10 +140,10 @@ class RendererImpl:
         self._paint(page)
 
     async def local_get(self, key: str) -> bytes | None:
-        return await self.host().storage_get(key)
+        return await self.host().storage_get(origin_of(self._need_page().url), key)
 
     async def local_set(self, key: str, value: bytes) -> None:
-        await self.host().storage_set(key, value)
+        await self.host().storage_set(origin_of(self._need_page().url), key, value)
 
     def _show(self, page: Page) -> PageInfo:
         self._page = page
@@ -147,10 +165,40 @@ class RendererImpl:
         return self._page
 
 
-async def serve(fd: int) -> None:
-    """Serve `Renderer` on `fd` until the host closes the channel."""
-    impl = RendererImpl(lambda: endpoint.proxy(RendererHost))
-    endpoint = Endpoint(Channel(socket.socket(fileno=fd), name="renderer"), {Renderer: impl})
+class ProcessImpl:
+    """`RendererProcess`: the views of this process, each a `RendererImpl` on its own channel."""
+
+    def __init__(self, make_view: Callable[[Callable[[], RendererHost]], RendererImpl]) -> None:
+        self._make_view = make_view
+        self._views: set[asyncio.Task[None]] = set()
+
+    def open_view(self, channel: Socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_view(channel.take()))
+        self._views.add(task)
+        task.add_done_callback(self._views.discard)
+
+    async def _serve_view(self, fd: int) -> None:
+        view = self._make_view(lambda: endpoint.proxy(RendererHost))
+        channel = Channel(socket.socket(fileno=fd), name="view")
+        endpoint = Endpoint(channel, {Renderer: view}, call_timeout=HOST_CALL_TIMEOUT)
+        try:
+            await endpoint.connect()
+            await endpoint.wait_closed()
+        finally:
+            endpoint.close()
+            view.close()
+
+    def close(self) -> None:
+        for task in self._views:
+            task.cancel()
+
+
+async def serve(
+    fd: int, make_view: Callable[[Callable[[], RendererHost]], RendererImpl] = RendererImpl
+) -> None:
+    """Serve `RendererProcess` on `fd` until the host closes the channel."""
+    impl = ProcessImpl(make_view)
+    endpoint = Endpoint(Channel(socket.socket(fileno=fd), name="renderer"), {RendererProcess: impl})
     try:
         await endpoint.connect()
         await endpoint.wait_closed()

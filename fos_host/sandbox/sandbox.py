@@ -31,7 +31,7 @@ from fos_host.sandbox.jail import Jail, python_prefixes
 from fos_host.sandbox.pool import Pool, Spare
 from fos_host.sandbox.seccomp_policy import load_policy
 from fos_host.sandbox.spawn import Launched, LaunchError, Order, Plan, SpareGone, give_order, launch
-from fos_host.sandbox.zygote import Zygote
+from fos_host.sandbox.zygote import PRELOAD, Zygote
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,11 @@ class Sandbox(Closing):
 class Spawner:
     """The host side of every sandbox. Use as a context manager.
 
-    With `pool=N` (which needs the zygote) it keeps N spare sandboxes of each shape given to
-    `prewarm()`, and `spawn()` hands a request to a spare of its shape when one is ready
-    (sandbox/pool.py): the request then costs an order, not a whole spawn sequence.
+    `preload` names what the zygote imports before it forks ("module" or "module:function",
+    the function then called). With `pool=N` (which needs the zygote) it keeps N spare
+    sandboxes of each shape given to `prewarm()`, and `spawn()` hands a request to a spare
+    of its shape when one is ready (sandbox/pool.py): the request then costs an order, not a
+    whole spawn sequence.
     """
 
     def __init__(
@@ -165,10 +167,12 @@ class Spawner:
         pool: int = 0,
         uid_base: int = UID_BASE,
         uid_count: int = UID_COUNT,
+        preload: tuple[str, ...] = PRELOAD,
     ) -> None:
         if pool and not zygote:
             raise ConfigError("a warm pool of sandboxes needs the zygote (zygote=True)")
         self._want_zygote = zygote
+        self._preload = preload
         self._pool_size = pool
         self.zygote: Zygote | None = None
         self._pool: Pool | None = None
@@ -189,7 +193,7 @@ class Spawner:
         except ConfigError as e:  # e.g. rootless without a delegated cgroup
             self._cgroup_error = e
         if self._want_zygote:
-            self.zygote = Zygote.start()
+            self.zygote = Zygote.start(self._preload)
             self._pool = Pool(self.zygote, self._prepare)
         return self
 
@@ -211,9 +215,11 @@ class Spawner:
             self._cgroups.close()
             self._cgroups = None
 
-    def _ids(self) -> IdMap:
+    def _ids(self, uid: int | None = None) -> IdMap:
         if os.geteuid() != 0:
             return IdMap(os.geteuid(), os.getegid())
+        if uid is not None:
+            return IdMap(uid, uid)
         used = {sb.ids.host_uid for sb in self._live.values()}
         if self._pool is not None:
             used |= self._pool.uids()
@@ -236,10 +242,11 @@ class Spawner:
             return None
         return self._cgroups.handle(f"sb-{self._serial}", limits)
 
-    def _prepare(self, plan: Plan) -> Cgroup | None:
-        """Give a plan its host uid and a cgroup of its own with the plan's limits, which the
-        launcher makes; the handle is returned (to remove it when the sandbox is gone)."""
-        plan.ids = self._ids()
+    def _prepare(self, plan: Plan, uid: int | None = None) -> Cgroup | None:
+        """Give a plan its host uid (`uid` when given and root, else one of its own) and a
+        cgroup of its own with the plan's limits, which the launcher makes; the handle is
+        returned (to remove it when the sandbox is gone)."""
+        plan.ids = self._ids(uid)
         cg = self._cgroup(Limits(**plan.limits))
         plan.cgroup = cg.spec() if cg else None
         return cg
@@ -293,9 +300,14 @@ class Spawner:
         entry: str | None = None,
         args: tuple[str, ...] = (),
         warm: bool = True,
+        uid: int | None = None,
     ) -> Sandbox:
         """Start `argv` (exec) or the Python `entry` ("module:function", called with `args`)
-        in a sandbox made by `jail`; from a spare when `warm` and one of its shape is kept."""
+        in a sandbox made by `jail`; from a spare when `warm` and one of its shape is kept.
+        `uid`: as root, the host uid to run as (a service whose files must stay its own
+        across runs), outside the range renderers get theirs from; else one of that range."""
+        if uid is not None and self._uid_base <= uid < self._uid_base + self._uid_count:
+            raise ConfigError(f"uid {uid} is in the range sandboxes get theirs from")
         if (argv is None) == (entry is None):
             raise ConfigError("give either a command to exec or a Python entry point")
         if argv is not None and not argv:
@@ -303,7 +315,7 @@ class Spawner:
         order = Order(jail.host_name, dict(jail.environ), list(jail.fds), argv, entry, list(args))
         plan = self.plan(jail, order)
         if self._pool is not None:
-            while warm and not plan.learn:
+            while warm and not plan.learn and uid is None:
                 spare = self._pool.take(plan.shape())
                 if spare is None:
                     break
@@ -312,7 +324,7 @@ class Spawner:
                 except SpareGone as e:
                     log.warning("spare sandbox pid=%d: %s; taking another", spare.pid, e)
             self._pool.settle()  # the zygote answers in order
-        cg = self._prepare(plan)
+        cg = self._prepare(plan, uid)
         try:
             launcher = self.zygote.launch if self.zygote else launch
             launched = launcher(plan, list(jail.fds.values()))

@@ -29,6 +29,9 @@ from fos_host.sandbox.spawn import Launched, LaunchError, Plan, launch
 MAX_REQUEST = 1 << 20
 MAX_FDS = 64
 PRELOAD = ("json", "asyncio", "socket", "fos_host.probe")
+# What a browser host's zygote loads: the renderer and its engine, with the engine's lazy
+# loads done ("module:function" entries are called after the import).
+RENDERER_PRELOAD = (*PRELOAD, "fos_host.renderer.main", "fos_host.renderer.page:preload")
 
 
 class Zygote:
@@ -92,7 +95,10 @@ def _serve(sock: socket.socket, preload: tuple[str, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the host's to handle
     kfds.install_fds({}, (sock.fileno(),))
     for name in preload:
-        importlib.import_module(name)
+        module, _, function = name.partition(":")
+        loaded = importlib.import_module(module)
+        if function:
+            getattr(loaded, function)()
     gc.freeze()
     while True:
         try:

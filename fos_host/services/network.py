@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -380,6 +381,14 @@ def main(
     """Serve `Network` on the SEQPACKET socket `fd` (which this takes over and closes) until
     the host closes its end: the network service process's entry point."""
     asyncio.run(_serve(fd, resolve, resolve_only, ca_pem))
+
+
+def run(config: str) -> int:
+    """The service sandbox's entry (`fos_host.services.network:run`): serve on fd 3.
+    `config` is JSON: {"resolve": {NAME: ADDR}, "resolve_only": bool, "ca_pem": str|null}."""
+    c = json.loads(config)
+    main(3, c["resolve"], resolve_only=c["resolve_only"], ca_pem=c["ca_pem"])
+    return 0
 
 
 async def _serve(

@@ -315,3 +315,9 @@ def main(fd: int, profile: str | os.PathLike[str], quota: int = DEFAULT_QUOTA) -
             log.info("storage service: %s", closed.reason)
 
     asyncio.run(serve())
+
+
+def run(profile: str, quota: str) -> int:
+    """The service sandbox's entry (`fos_host.services.storage:run`): serve on fd 3."""
+    main(3, profile, int(quota))
+    return 0

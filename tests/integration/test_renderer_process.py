@@ -1,6 +1,7 @@
 """The renderer process for real: `fos_host.renderer.main` in a renderer sandbox (seccomp on),
-serving `Renderer` on fd 3 while a fake host in this process serves `RendererHost` on the
-same channel — pages from a dict behind a site lock, storage in a dict.
+serving `RendererProcess` on fd 3; each test opens a view on it, whose channel carries
+`Renderer` one way and `RendererHost` the other — served by a fake host in this process:
+pages from a dict behind a site lock, storage in a dict. (The real host is test_host.py.)
 
 The frame is a memfd this process makes, seals against resizing (a renderer that shrank it
 would make the host's reads fault), maps read-only and passes to the renderer.
@@ -27,11 +28,13 @@ from fos_host.interfaces.renderer import (
     NotAllowed,
     Renderer,
     RendererHost,
+    RendererProcess,
     RestoreFailed,
 )
 from fos_host.ipc.channel import Channel
 from fos_host.ipc.interface import Endpoint
-from fos_host.ipc.wire import Memfd
+from fos_host.ipc.shm import seal_bytes
+from fos_host.ipc.wire import Memfd, Socket
 from fos_host.renderer.paint import frame_size, to_png
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import Sandbox, Spawner
@@ -63,15 +66,16 @@ class FakeHost:
         if not self.lock.allows(url):
             raise NotAllowed(f"{url} is not of {self.lock.site}")
         self.fetches.append(url)
-        if url not in PAGES:
-            return Fetched(url, 404, "text/html", b"<title>Not found</title>")
-        return Fetched(url, 200, "text/html; charset=utf-8", PAGES[url])
+        status, body = (200, PAGES[url]) if url in PAGES else (404, b"<title>Not found</title>")
+        return Fetched(url, status, "text/html; charset=utf-8", Memfd(seal_bytes(body)), len(body))
 
-    def storage_get(self, key: str) -> bytes | None:
-        return self.storage.get((str(self.lock.site), key))
+    def storage_get(self, origin: str, key: str) -> bytes | None:
+        assert self.lock.allows(origin)
+        return self.storage.get((origin, key))
 
-    def storage_set(self, key: str, value: bytes) -> None:
-        self.storage[(str(self.lock.site), key)] = value
+    def storage_set(self, origin: str, key: str, value: bytes) -> None:
+        assert self.lock.allows(origin)
+        self.storage[(origin, key)] = value
 
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -109,8 +113,12 @@ async def renderer_process(sp: Spawner, host: FakeHost) -> AsyncIterator[Session
     finally:
         theirs.close()
     with sb:
-        ep = Endpoint(Channel(mine, name="host"), {RendererHost: host}, call_timeout=20)
+        control = Endpoint(Channel(mine, name="host"), call_timeout=20)
+        view_mine, view_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ep = Endpoint(Channel(view_mine, name="view"), {RendererHost: host}, call_timeout=20)
         try:
+            await control.connect(timeout=20)
+            await control.proxy(RendererProcess).open_view(Socket(view_theirs.detach()))
             await ep.connect(timeout=20)
             renderer = ep.proxy(Renderer)
             size = frame_size(WIDTH, HEIGHT)
@@ -122,6 +130,7 @@ async def renderer_process(sp: Spawner, host: FakeHost) -> AsyncIterator[Session
                 yield Session(renderer, frame, sb)
         finally:
             ep.close()
+            control.close()
         status = sb.wait(timeout=20)
         assert (status.code, status.signal) == (0, None), status.describe()
 
@@ -207,6 +216,7 @@ def test_storage_goes_through_the_host_under_its_site(spawner: Spawner) -> None:
 
     async def body() -> None:
         async with renderer_process(spawner, host) as s:
+            await s.renderer.navigate(HOME)  # storage is the page's origin's
             assert await s.renderer.local_get("theme") is None
             await s.renderer.local_set("theme", b"dark")
             assert await s.renderer.local_get("theme") == b"dark"

@@ -1,0 +1,760 @@
+"""The host: tabs, the renderer processes they live in, and the services they reach through it.
+
+    async with Host(HostConfig(profile=path)) as host:
+        tab = await host.open("https://news.fos.test/")       # returns once it is loaded
+        png = host.screenshot(tab.id)
+
+One asyncio process (a child subreaper, through its `Spawner`). At `start()` it starts the
+zygote (the renderer engine preloaded, `gc.freeze()`d), the network service and the storage
+service (each a sandbox of its own profile), and a warm pool of running, unlocked renderers.
+
+A tab's document goes where `ProcessModel` says (host/sites.py). A renderer from the warm pool
+is locked to a site the moment it is taken, before it gets any content, and each tab it shows
+is a *view* on a channel of its own (interfaces/renderer.py). Everything a renderer asks for
+goes through `_Broker`, which checks it against that renderer's lock: a fetch or a storage
+origin outside it is a **bad message** — the renderer is killed, the reason logged and counted,
+and its tabs say why. A redirect to another site is not the renderer's fault: the tab moves.
+
+A renderer's exit shows on its tabs with the reason read from its cgroup ("crashed: out of
+memory at the 64 MB limit"); `reload` gives the tab a new renderer. If the host dies, every
+child dies with it (PDEATHSIG), and the next start removes the cgroups it left (HostCgroups).
+
+Spawning blocks (the zygote's replies, cgroup directories), so every call into the `Spawner`
+and its sandboxes runs on one worker thread, in order; the event loop only waits for it. The
+zygote was forked before that thread existed and is single-threaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import fcntl
+import itertools
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from fos_host.errors import FosError
+from fos_host.host.sites import (
+    BadUrl,
+    MiB,
+    ProcessModel,
+    SiteLock,
+    mem_total,
+    process_limit,
+    site_of,
+)
+from fos_host.interfaces import network as net
+from fos_host.interfaces import storage as st
+from fos_host.interfaces.renderer import (
+    Fetched,
+    FetchFailed,
+    NotAllowed,
+    PageInfo,
+    Redirected,
+    Renderer,
+    RendererHost,
+    RendererProcess,
+    StorageRefused,
+)
+from fos_host.ipc.channel import Channel, ChannelClosed
+from fos_host.ipc.interface import CallTimeout, Endpoint, Interface, RemoteError
+from fos_host.ipc.wire import Memfd, Socket
+from fos_host.renderer.paint import frame_size, to_png
+from fos_host.sandbox.jail import Jail
+from fos_host.sandbox.sandbox import UID_BASE, UID_COUNT, ExitStatus, Sandbox, Spawner
+from fos_host.sandbox.zygote import RENDERER_PRELOAD
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+I = TypeVar("I", bound=Interface)  # noqa: E741
+
+RENDERER_ENTRY = "fos_host.renderer.main:main"
+STORAGE_UID = UID_BASE + UID_COUNT  # as root: the storage service's files stay its own
+FRAME_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+NETWORK_FILES = (
+    "/etc/ssl",
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+)
+SHUTDOWN_GRACE = 1.0  # seconds a released renderer has to exit by itself
+
+
+@dataclass
+class HostConfig:
+    """What a host runs with. Sizes are bytes."""
+
+    profile: Path  # storage lives in <profile>/storage
+    renderer_memory: int = 64 * MiB  # each renderer's cgroup memory.max (OOM kill above)
+    renderer_pids: int = 16
+    warm_renderers: int = 2  # running, unlocked renderers kept ready
+    spare_sandboxes: int = 1  # set-up sandboxes behind them (the Spawner's pool)
+    process_limit: int | None = None  # None: from RAM (sites.process_limit)
+    tabs_per_renderer: int = 1
+    viewport: tuple[int, int] = (800, 600)
+    fetch_timeout: float = 15.0
+    max_page_bytes: int = 8 * MiB
+    resolve: dict[str, str] = field(default_factory=dict)  # --resolve NAME=ADDR
+    resolve_only: bool = False  # names outside `resolve` fail without a DNS lookup
+    ca_pem: str | None = None  # extra CA certificates for the network service
+    storage_quota: int = 5 * MiB  # per site
+    renderer_entry: str = RENDERER_ENTRY  # tests swap in a compromised renderer
+    renderer_args: tuple[str, ...] = ()
+
+
+class TabState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"  # the page could not be loaded (the reason says why)
+    CRASHED = "crashed"  # its renderer is gone (the reason says why); reload respawns
+
+
+@dataclass
+class TabInfo:
+    """A tab as `list` and the control API show it."""
+
+    id: int
+    url: str
+    title: str
+    state: str
+    reason: str
+    site: str
+    active: bool
+    renderer: int | None
+    pid: int | None
+    host_uid: int | None
+    memory: int | None  # bytes in its renderer's cgroup (shared by the renderer's tabs)
+    memory_limit: int | None
+
+
+class RendererProc:
+    """A running renderer: its sandbox, its first channel and, once taken, its lock."""
+
+    def __init__(self, sandbox: Sandbox, endpoint: Endpoint) -> None:
+        self.sandbox = sandbox
+        self.endpoint = endpoint
+        self.control: RendererProcess | None = None  # once connected
+        self.rid: int | None = None  # ProcessModel's id, once locked
+        self.lock: SiteLock | None = None
+        self.released = False  # the host let it go: its exit is no crash
+        self.killed_for: str | None = None  # the bad message it was killed for
+        self.status: ExitStatus | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.sandbox.pid
+
+    def memory(self) -> int | None:
+        cg = self.sandbox.cgroup
+        if cg is None or self.status is not None:
+            return None
+        with contextlib.suppress(FosError):
+            return cg.stats().memory_current
+        return None
+
+    def __repr__(self) -> str:
+        return f"<renderer pid={self.pid} site={self.lock.site if self.lock else None}>"
+
+
+@dataclass
+class Tab:
+    id: int
+    url: str
+    title: str = ""
+    state: TabState = TabState.LOADING
+    reason: str = ""
+    active: bool = False
+    last_active: float = 0.0
+    links: list[str] = field(default_factory=list)
+    renderer: RendererProc | None = None
+    view: Endpoint | None = None
+    page: Renderer | None = None
+    frame: mmap.mmap | None = None  # read-only; the renderer paints into it
+    loading: asyncio.Task[None] | None = None
+
+
+class Service:
+    """A service sandbox and the proxy to what it offers."""
+
+    def __init__(self, name: str, sandbox: Sandbox, endpoint: Endpoint) -> None:
+        self.name = name
+        self.sandbox = sandbox
+        self.endpoint = endpoint
+
+
+class Host:
+    """See the module's docstring. Use as an async context manager."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        limit = config.process_limit or process_limit(mem_total())
+        self.model = ProcessModel(limit, config.tabs_per_renderer)
+        self.tabs: dict[int, Tab] = {}
+        self.bad_messages = 0
+        self.crashes = 0
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="fos-spawn")
+        self._spawner: Spawner | None = None
+        self._renderers: dict[int, asyncio.Future[RendererProc]] = {}  # rid -> locked renderer
+        self._warm: deque[RendererProc] = deque()
+        self._warming = 0
+        self._live: set[RendererProc] = set()
+        self._services: dict[str, Service] = {}
+        self._tab_ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # -- start and stop ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Host:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Zygote, services, warm renderers: returns when all are up."""
+        spawner = Spawner(zygote=True, pool=self.config.spare_sandboxes, preload=RENDERER_PRELOAD)
+        self._spawner = await self._run(spawner.__enter__)
+        if self.config.spare_sandboxes:
+            await self._run(spawner.prewarm, self._renderer_jail(None))
+        await asyncio.gather(self._start_network(), self._start_storage())
+        await self.fill_warm_pool()
+
+    async def close(self) -> None:
+        """Close every tab, renderer and service, and the zygote; leaves nothing behind."""
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for tab in self.tabs.values():
+            self._detach(tab)
+        self.tabs.clear()
+        for proc in list(self._live):
+            self._unwatch(proc)
+            proc.endpoint.close()
+        for service in self._services.values():
+            self._unwatch_service(service)
+            service.endpoint.close()
+        if self._spawner is not None:
+            await self._run(self._spawner.close)  # kills, reaps and removes what is left
+            self._spawner = None
+        self._live.clear()
+        self._warm.clear()
+        self._renderers.clear()
+        self._services.clear()
+        self._worker.shutdown()
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """`fn` on the spawn worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, lambda: fn(*args, **kw))
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- sandboxes ---------------------------------------------------------------------------
+
+    async def _spawn(
+        self, jail: Jail, entry: str, args: tuple[str, ...], name: str, uid: int | None = None
+    ) -> tuple[Sandbox, Channel]:
+        """A sandbox running `entry`, with the other end of its channel at fd 3."""
+        assert self._spawner is not None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            jail.pass_fd(theirs.fileno(), 3)
+            sandbox = await self._run(self._spawner.spawn, jail, entry=entry, args=args, uid=uid)
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        return sandbox, Channel(mine, name=f"{name} {sandbox.pid}")
+
+    def _renderer_jail(self, fd: int | None) -> Jail:
+        jail = Jail("renderer").memory(self.config.renderer_memory).pids(self.config.renderer_pids)
+        jail.hostname("fos-renderer")
+        if fd is not None:
+            jail.pass_fd(fd, 3)
+        return jail
+
+    async def _start_renderer(self) -> RendererProc:
+        c = self.config
+        sandbox, channel = await self._spawn(
+            self._renderer_jail(None), c.renderer_entry, c.renderer_args, "renderer"
+        )
+        endpoint = Endpoint(channel, {}, call_timeout=c.fetch_timeout + 10)
+        proc = RendererProc(sandbox, endpoint)  # watched before it is connected
+        endpoint.on_bad_message = lambda why: self._bad_message(proc, f"protocol: {why}")
+        self._live.add(proc)
+        self._watch(proc)
+        try:
+            await endpoint.connect()
+            proc.control = endpoint.proxy(RendererProcess)
+        except BaseException:
+            self._kill(proc)
+            raise
+        log.debug("renderer pid=%d uid=%d started", sandbox.pid, sandbox.host_uid)
+        return proc
+
+    def _watch(self, proc: RendererProc) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(proc.sandbox.pidfd, self._exited, proc)
+
+    def _unwatch(self, proc: RendererProc) -> None:
+        if proc.sandbox.pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(proc.sandbox.pidfd)
+
+    def _kill(self, proc: RendererProc) -> None:
+        """SIGKILL its pid 1, which takes its whole pid namespace with it; `_exited` follows."""
+        if proc.status is None and proc.sandbox.pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(proc.sandbox.pidfd, signal.SIGKILL)
+
+    def _exited(self, proc: RendererProc) -> None:
+        self._unwatch(proc)
+        status = proc.sandbox.poll()
+        assert status is not None  # the pidfd is readable once it exited
+        proc.status = status
+        proc.endpoint.close()
+        self._live.discard(proc)
+        with contextlib.suppress(ValueError):
+            self._warm.remove(proc)
+        reason = f"killed: bad message: {proc.killed_for}" if proc.killed_for else None
+        if reason is None and not proc.released:
+            reason = f"crashed: {status.describe()}"
+        if reason is not None:
+            self.crashes += 1
+            log.warning(
+                "renderer pid=%d site=%s: %s", proc.pid, proc.lock and proc.lock.site, reason
+            )
+            for tab in self.tabs.values():
+                if tab.renderer is proc:
+                    self._detach(tab)
+                    self.model.close(tab.id)
+                    tab.state, tab.reason = TabState.CRASHED, reason
+        if proc.rid is not None:
+            self._renderers.pop(proc.rid, None)
+        if not self._closing:
+            self._background(self._run(proc.sandbox.close))  # its cgroup goes
+            self._background(self.fill_warm_pool())
+
+    def _bad_message(self, proc: RendererProc, reason: str) -> None:
+        """A renderer broke the rules: kill it, log and count why."""
+        if proc.killed_for is not None or proc.status is not None:
+            return
+        self.bad_messages += 1
+        proc.killed_for = reason
+        site = proc.lock.site if proc.lock else None
+        log.error("bad message from renderer pid=%d site=%s: %s", proc.pid, site, reason)
+        self._kill(proc)
+
+    # -- the warm pool -----------------------------------------------------------------------
+
+    async def fill_warm_pool(self) -> None:
+        """Start renderers until `warm_renderers` are ready or on their way."""
+        while not self._closing and len(self._warm) + self._warming < self.config.warm_renderers:
+            self._warming += 1
+            try:
+                proc = await self._start_renderer()
+            except (FosError, OSError) as e:
+                log.error("cannot start a warm renderer: %s", e)
+                return
+            finally:
+                self._warming -= 1
+            if proc.status is None:
+                self._warm.append(proc)
+
+    async def _take_renderer(self, rid: int, lock: SiteLock) -> RendererProc:
+        """A renderer locked to `lock`: from the warm pool, else a new one."""
+        proc = None
+        while self._warm:
+            candidate = self._warm.popleft()
+            if candidate.status is None:
+                proc = candidate
+                break
+        if proc is None:
+            proc = await self._start_renderer()
+        else:
+            self._background(self.fill_warm_pool())
+        proc.rid, proc.lock = rid, lock
+        log.info("renderer pid=%d uid=%d locked to %s", proc.pid, proc.sandbox.host_uid, lock.site)
+        return proc
+
+    async def _renderer(self, rid: int, lock: SiteLock, new: bool) -> RendererProc:
+        if new:
+            future = asyncio.get_running_loop().create_future()
+            self._renderers[rid] = future
+            try:
+                future.set_result(await self._take_renderer(rid, lock))
+            except BaseException as e:
+                future.set_exception(e)
+                future.exception()  # retrieved: other waiters see it too
+                self._renderers.pop(rid, None)
+                raise
+        return await asyncio.shield(self._renderers[rid])
+
+    def _release(self, rid: int | None) -> None:
+        """The model let renderer `rid` go (its last tab left): close its channel, which
+        ends it; kill it if it is still there after SHUTDOWN_GRACE."""
+        if rid is None:
+            return
+        future = self._renderers.pop(rid, None)
+        if future is None or not future.done() or future.exception() is not None:
+            return
+        proc = future.result()
+        proc.released = True
+        proc.endpoint.close()
+        asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, self._kill, proc)
+
+    # -- services ------------------------------------------------------------------------------
+
+    async def _start_service(
+        self, name: str, jail: Jail, entry: str, args: tuple[str, ...], uid: int | None = None
+    ) -> None:
+        sandbox, channel = await self._spawn(jail, entry, args, name, uid)
+        endpoint = Endpoint(channel, {}, call_timeout=self.config.fetch_timeout + 5)
+        service = Service(name, sandbox, endpoint)
+        self._services[name] = service
+        asyncio.get_running_loop().add_reader(sandbox.pidfd, self._service_exited, service)
+        await endpoint.connect()
+        log.debug("%s service pid=%d uid=%d started", name, sandbox.pid, sandbox.host_uid)
+
+    def _unwatch_service(self, service: Service) -> None:
+        if service.sandbox.pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(service.sandbox.pidfd)
+
+    def _service_exited(self, service: Service) -> None:
+        self._unwatch_service(service)
+        status = service.sandbox.poll()
+        assert status is not None
+        service.endpoint.close()
+        log.error("the %s service (pid %d) %s; restarting it", service.name, service.sandbox.pid,
+                  status.describe())  # fmt: skip
+        self._services.pop(service.name, None)
+        self._background(self._run(service.sandbox.close))
+        start = self._start_network if service.name == "network" else self._start_storage
+        self._background(start())
+
+    async def _start_network(self) -> None:
+        c = self.config
+        jail = Jail("network").net("host").memory("256M").pids(64).hostname("fos-network")
+        for path in NETWORK_FILES:
+            if os.path.exists(path):
+                jail.ro_bind(path)
+        config = {"resolve": c.resolve, "resolve_only": c.resolve_only, "ca_pem": c.ca_pem}
+        await self._start_service(
+            "network", jail, "fos_host.services.network:run", (json.dumps(config),)
+        )
+
+    async def _start_storage(self) -> None:
+        c = self.config
+        where = Path(c.profile).resolve() / "storage"
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        uid = STORAGE_UID if os.geteuid() == 0 else None
+        if uid is not None:
+            for path in [where, *where.rglob("*")]:
+                os.chown(path, uid, uid, follow_symlinks=False)
+        jail = Jail("storage").memory("256M").pids(16).hostname("fos-storage").bind(str(where))
+        await self._start_service(
+            "storage",
+            jail,
+            "fos_host.services.storage:run",
+            (str(where.parent), str(c.storage_quota)),
+            uid,
+        )
+
+    def _service(self, name: str, iface: type[I]) -> I:
+        service = self._services.get(name)
+        if service is None or service.endpoint.closed:
+            raise FetchFailed(f"the {name} service is restarting; try again")
+        return service.endpoint.proxy(iface)
+
+    # -- tabs ----------------------------------------------------------------------------------
+
+    async def open(self, url: str, *, wait: bool = True) -> Tab:
+        """A new tab showing `url`; returns once the page is loaded (or failed), or with
+        `wait=False` once its renderer is ready and loading has begun. BadUrl for a URL
+        with no site."""
+        site_of(url)
+        tab = Tab(next(self._tab_ids), url)
+        self.tabs[tab.id] = tab
+        try:
+            assignment = self.model.assign(tab.id, url)
+            await self._attach(tab, self.model.lock_of(assignment.renderer), assignment.renderer,
+                               assignment.new)  # fmt: skip
+        except BaseException:
+            self.tabs.pop(tab.id, None)
+            self._detach(tab)
+            with contextlib.suppress(KeyError):
+                self._release(self.model.close(tab.id))
+            raise
+        await self._start_load(tab, url, wait)
+        return tab
+
+    async def navigate(self, tab_id: int, url: str, *, wait: bool = True) -> Tab:
+        """Show `url` in the tab: in the same renderer within its site, in another one
+        across sites (the one it leaves ends if it has no tab left)."""
+        site_of(url)
+        tab = self.tab(tab_id)
+        self._stop_loading(tab)
+        if tab.renderer is None:  # crashed, or its renderer failed to start: a new one
+            with contextlib.suppress(KeyError):
+                self._release(self.model.close(tab.id))
+            a = self.model.assign(tab.id, url)
+        else:
+            a = self.model.navigate(tab.id, url)
+        if tab.renderer is None or a.moved:
+            self._detach(tab)
+            self._release(a.released)
+            await self._attach(tab, a.lock, a.renderer, a.new)
+        await self._start_load(tab, url, wait)
+        return tab
+
+    async def reload(self, tab_id: int, *, wait: bool = True) -> Tab:
+        """Load the tab's URL again (in a new renderer if its renderer crashed)."""
+        return await self.navigate(tab_id, self.tab(tab_id).url, wait=wait)
+
+    async def close_tab(self, tab_id: int) -> None:
+        tab = self.tabs.pop(tab_id, None)
+        if tab is None:
+            raise KeyError(f"no tab {tab_id}")
+        self._stop_loading(tab)
+        self._detach(tab)
+        if tab.state is not TabState.CRASHED:
+            self._release(self.model.close(tab_id))
+
+    def activate(self, tab_id: int) -> Tab:
+        """Bring the tab to the front (the others go to the back)."""
+        tab = self.tab(tab_id)
+        for other in self.tabs.values():
+            other.active = other is tab
+        tab.last_active = time.monotonic()
+        return tab
+
+    def tab(self, tab_id: int) -> Tab:
+        try:
+            return self.tabs[tab_id]
+        except KeyError:
+            raise KeyError(f"no tab {tab_id}") from None
+
+    async def wait_loaded(self, tab_id: int) -> Tab:
+        tab = self.tab(tab_id)
+        if tab.loading is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(tab.loading)
+        return tab
+
+    def screenshot(self, tab_id: int) -> bytes:
+        """What the tab shows, as PNG."""
+        tab = self.tab(tab_id)
+        if tab.frame is None:
+            raise FosError(f"tab {tab_id} shows nothing: {tab.state.value} {tab.reason}".rstrip())
+        w, h = self.config.viewport
+        with memoryview(tab.frame) as view:
+            return to_png(view, w, h)
+
+    async def snapshot(self, tab_id: int) -> bytes:
+        """The tab's page state (URL, DOM, scroll, form), from its renderer."""
+        tab = self.tab(tab_id)
+        if tab.page is None:
+            raise FosError(f"tab {tab_id} has no renderer: {tab.state.value} {tab.reason}".rstrip())
+        return await tab.page.snapshot()
+
+    def info(self, tab: Tab) -> TabInfo:
+        proc = tab.renderer
+        return TabInfo(
+            id=tab.id,
+            url=tab.url,
+            title=tab.title,
+            state=tab.state.value,
+            reason=tab.reason,
+            site=_site_text(tab.url),
+            active=tab.active,
+            renderer=proc.rid if proc else None,
+            pid=proc.pid if proc else None,
+            host_uid=proc.sandbox.host_uid if proc else None,
+            memory=proc.memory() if proc else None,
+            memory_limit=proc.sandbox.limits.memory_max if proc else None,
+        )
+
+    def infos(self) -> list[TabInfo]:
+        return [self.info(tab) for tab in self.tabs.values()]
+
+    def renderers(self) -> list[RendererProc]:
+        """Every live renderer, warm ones included."""
+        return sorted(self._live, key=lambda p: p.pid)
+
+    # -- a tab's view in its renderer ------------------------------------------------------------
+
+    async def _attach(self, tab: Tab, lock: SiteLock, rid: int, new: bool) -> None:
+        """Give the tab a view in renderer `rid` and a frame to paint into."""
+        proc = await self._renderer(rid, lock, new)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        view = Endpoint(
+            Channel(mine, name=f"tab {tab.id}"),
+            {RendererHost: _Broker(self, proc)},
+            call_timeout=self.config.fetch_timeout + 10,
+            on_bad_message=lambda why: self._bad_message(proc, f"protocol: {why}"),
+        )
+        tab.renderer, tab.view = proc, view
+        try:
+            assert proc.control is not None
+            await proc.control.open_view(Socket(theirs.detach()))
+            await view.connect()
+            tab.page = view.proxy(Renderer)
+            w, h = self.config.viewport
+            frame = _frame(w, h)
+            tab.frame = mmap.mmap(frame, frame_size(w, h), mmap.MAP_SHARED, mmap.PROT_READ)
+            await tab.page.attach_frame(Memfd(frame), w, h)  # the fd goes with the call
+        except (ChannelClosed, CallTimeout) as e:
+            self._detach(tab)
+            raise FosError(f"tab {tab.id}: its renderer pid={proc.pid} is gone: {e}") from e
+
+    def _detach(self, tab: Tab) -> None:
+        if tab.view is not None:
+            tab.view.close()
+        if tab.frame is not None:
+            tab.frame.close()
+        tab.renderer = tab.view = tab.page = tab.frame = None
+
+    def _stop_loading(self, tab: Tab) -> None:
+        if tab.loading is not None and not tab.loading.done():
+            tab.loading.cancel()
+        tab.loading = None
+
+    async def _start_load(self, tab: Tab, url: str, wait: bool) -> None:
+        tab.url, tab.state, tab.reason = url, TabState.LOADING, ""
+        tab.loading = asyncio.get_running_loop().create_task(self._load(tab, url))
+        if wait:
+            await self.wait_loaded(tab.id)
+
+    async def _load(self, tab: Tab, url: str) -> None:
+        assert tab.page is not None
+        try:
+            info: PageInfo = await tab.page.navigate(url)
+        except Redirected as e:
+            log.info("tab %d: %s redirects to %s, another site", tab.id, url, e)
+            tab.loading = None
+            self._background(self.navigate(tab.id, str(e)))
+            return
+        except (ChannelClosed, CallTimeout) as e:
+            if tab.state is not TabState.CRASHED:
+                tab.state, tab.reason = TabState.FAILED, str(e)
+            return
+        except RemoteError as e:
+            tab.state, tab.reason = TabState.FAILED, f"{type(e).__name__}: {e}"
+            return
+        tab.url, tab.title, tab.links = info.url, info.title, info.links
+        tab.state = TabState.READY
+
+
+class _Broker:
+    """`RendererHost` for one renderer: every request checked against its lock."""
+
+    def __init__(self, host: Host, proc: RendererProc) -> None:
+        self._host = host
+        self._proc = proc
+
+    def _violation(self, what: str) -> NotAllowed:
+        lock = self._proc.lock
+        self._host._bad_message(self._proc, f"{what} outside its site {lock and lock.site}")
+        return NotAllowed(f"{what} is not of this renderer's site")
+
+    async def fetch(self, url: str) -> Fetched:
+        lock = self._proc.lock
+        if lock is None or not lock.allows(url):
+            raise self._violation(f"fetch of {url[:200]!r}")
+        c = self._host.config
+        network = self._host._service("network", net.Network)
+        try:
+            answer = await network.fetch(url, c.max_page_bytes, c.fetch_timeout)
+        except (net.FetchFailed, net.TooBig, net.TooManyRedirects, net.BadScheme) as e:
+            raise FetchFailed(f"{type(e).__name__}: {e}") from None
+        except (ChannelClosed, CallTimeout) as e:
+            raise FetchFailed(f"the network service did not answer: {e}") from None
+        if not lock.allows(answer.final_url):  # a redirect left the site: the tab moves
+            answer.body.close()
+            raise Redirected(answer.final_url)
+        return Fetched(answer.final_url, answer.status, answer.content_type, answer.body,
+                       answer.length)  # fmt: skip
+
+    def _site(self, origin: str) -> str:
+        """The storage service's name for an origin of this renderer's site: "scheme://host"
+        (ports share storage). Anything else is a bad message."""
+        lock = self._proc.lock
+        try:
+            parts = urlsplit(origin)
+            ok = (
+                lock is not None
+                and parts.scheme in ("http", "https")
+                and parts.hostname is not None
+                and not parts.path
+                and not parts.query
+                and not parts.fragment
+                and "@" not in parts.netloc
+                and lock.allows(origin)
+            )
+        except ValueError:
+            ok = False
+        if not ok:
+            raise self._violation(f"storage of origin {origin[:200]!r}")
+        return f"{parts.scheme}://{parts.hostname}"
+
+    async def _storage(self, call: Callable[[st.Storage], Any]) -> Any:
+        storage = self._host._service("storage", st.Storage)
+        try:
+            return await call(storage)
+        except (st.BadSite, st.BadKey, st.QuotaExceeded, st.StorageFailed) as e:
+            raise StorageRefused(f"{type(e).__name__}: {e}") from None
+        except (ChannelClosed, CallTimeout) as e:
+            raise StorageRefused(f"the storage service did not answer: {e}") from None
+
+    async def storage_get(self, origin: str, key: str) -> bytes | None:
+        site = self._site(origin)
+        result: bytes | None = await self._storage(lambda s: s.get(site, key))
+        return result
+
+    async def storage_set(self, origin: str, key: str, value: bytes) -> None:
+        site = self._site(origin)
+        await self._storage(lambda s: s.set(site, key, value))
+
+
+def _frame(width: int, height: int) -> int:
+    """A frame memfd that neither side can resize (a renderer that shrank it would make the
+    host's reads fault); the renderer may write it, the host maps it read-only."""
+    fd = os.memfd_create("fos-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, frame_size(width, height))
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, FRAME_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _site_text(url: str) -> str:
+    try:
+        return str(site_of(url))
+    except BadUrl:
+        return ""
