@@ -5,7 +5,8 @@ PY := .venv/bin/python
 
 .PHONY: demo test test-vm vm-artefacts lint bench clean bootstrap
 
-# The main job: sandbox a workload and print its isolation report (fos_host/demo.py).
+# The main job: a dozen tabs on a built-in origin server, each in a sandboxed renderer, as a live
+# table until Ctrl-C (fos_host/demo.py); `fos-host demo --sandbox-report` is the isolation report.
 demo: bootstrap
 	@$(PY) -m fos_host.cli demo
 
@@ -28,10 +29,12 @@ lint: bootstrap
 	.venv/bin/ruff format --check
 	.venv/bin/mypy
 
-# Spawn latency and memory, then IPC round trips and transfers, against peers measured in the same run.
+# Spawn latency and memory, IPC round trips and transfers, then open-tab latency and the memory
+# of 200 tabs, against peers measured in the same run.
 bench: bootstrap
 	@$(PY) -m fos_host.cli bench spawn
 	@$(PY) -m fos_host.cli bench ipc
+	@$(PY) -m fos_host.cli bench tabs
 
 bootstrap:
 	@scripts/bootstrap

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -388,6 +388,36 @@ def zygote_idle_memory(sp: Spawner) -> tuple[int, int]:
         _close(r, w)
 
 
+def machine(load_before: float) -> dict[str, Any]:
+    """What a report says about the machine it ran on (load: 1-minute average)."""
+    return {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load1_before": round(load_before, 2),
+        "load1_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """`machine()` as a report's second line."""
+    used = f" (used: {m['cpus_used']})" if "cpus_used" in m else ""
+    return (
+        f"Linux {m['kernel']}, {m['cpus']} CPUs{used}, Python {m['python']}, "
+        f"load {m['load1_before']:.2f} -> {m['load1_after']:.2f}"
+    )
+
+
+def failure_lines(entries: Iterable[dict[str, Any]], what: str) -> list[str]:
+    """The entries with failed `what` (runs, samples), which were repeated."""
+    failed = [e for e in entries if e["failures"]]
+    if not failed:
+        return []
+    return [f"failed {what} (repeated; not in the figures):"] + [
+        f"  {e['label']}: {e['failures']}x, first: {e['error']}" for e in failed
+    ]
+
+
 def python_idle_memory() -> tuple[int, int]:
     python, _ = real_python()
     with subprocess.Popen([python, "-S", "-I", "-c", IDLE_CODE], stdout=subprocess.PIPE) as p:
@@ -608,13 +638,7 @@ def measure(runs: int) -> dict[str, Any]:
         "runs": runs,
         "warmup_rounds": warmup,
         "memory_samples": mem_samples,
-        "machine": {
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "load1_before": round(load_before, 2),
-            "load1_after": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine(load_before),
         "spawn": {m.key: m.result() for m in methods},
         "memory": {m.key: m.result() for m in memory},
     }
@@ -640,8 +664,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"fos-host spawn benchmark: {report['runs']} runs per method, interleaved round-robin "
         f"after {report['warmup_rounds']} warm-up round(s)",
-        f"Linux {m['kernel']}, {m['cpus']} CPUs, Python {m['python']}, "
-        f"load {m['load1_before']:.2f} -> {m['load1_after']:.2f}",
+        machine_line(m),
         "",
         f"{'time to first byte (ms)':<34}{'p50':>8}{'p90':>8}{'min':>8}{'max':>8}"
         f"{'exit p50':>10}{'exit p90':>10}",
@@ -657,10 +680,7 @@ def render(report: dict[str, Any]) -> str:
             f"{e['label']:<34}{fb['p50']:>8.2f}{fb['p90']:>8.2f}{fb['min']:>8.2f}"
             f"{fb['max']:>8.2f}{ex['p50']:>10.2f}{ex['p90']:>10.2f}"
         )
-    failed = [e for e in report["spawn"].values() if e["failures"]]
-    if failed:
-        lines.append("failed runs (repeated; not in the figures):")
-        lines += [f"  {e['label']}: {e['failures']}x, first: {e['error']}" for e in failed]
+    lines += failure_lines(report["spawn"].values(), "runs")
     lines += ["", f"{'idle memory (MiB, median)':<56}{'USS':>8}{'PSS':>8}{'n':>4}"]
     for e in report["memory"].values():
         uss, pss = e.get("uss_mib"), e.get("pss_mib")

@@ -50,7 +50,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import platform
 import select
 import signal
 import socket
@@ -63,7 +62,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
 
-from fos_host.bench import MIB, BenchError, summarize
+from fos_host.bench import MIB, BenchError, machine, machine_line, summarize
 from fos_host.closing import Closing
 from fos_host.errors import ConfigError, FosError
 from fos_host.interfaces.bench import IpcBench
@@ -682,14 +681,7 @@ def measure(runs: int = RUNS, rounds: int = ROUNDS) -> dict[str, Any]:
         "transfer_bytes": TRANSFER,
         "placements": {p: PLACEMENTS[p] for p in placements},
         "transfer_placement": placements[-1],
-        "machine": {
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "cpus_used": cpus,
-            "python": platform.python_version(),
-            "load1_before": round(load_before, 2),
-            "load1_after": round(os.getloadavg()[0], 2),
-        },
+        "machine": {**machine(load_before), "cpus_used": cpus},
         "roundtrip_us": {p: {t.key: t.result(p) for t in trips} for p in placements},
         "transfer_gbps": {t.key: t.result() for t in transfers},
         "memcpy_gbps": {t.key: t.result() for t in copies},
@@ -754,8 +746,7 @@ def render(report: dict[str, Any]) -> str:
         f"fos-host IPC benchmark: {report['runs']} calls per method, size and placement in each "
         f"of {report['rounds']} rounds, interleaved (order rotated each round), after a "
         "warm-up round",
-        f"Linux {m['kernel']}, {m['cpus']} CPUs (used: {m['cpus_used']}), Python {m['python']}, "
-        f"load {m['load1_before']:.2f} -> {m['load1_after']:.2f}",
+        machine_line(m),
         "A shared machine is noisy: compare figures of one run, and mind the spread of the "
         "rounds' medians.",
     ]

@@ -1,11 +1,15 @@
 """fos-host: the command line.
 
     fos-host exec [options] -- CMD ARG...    run CMD in a sandbox, exit with its status
-    fos-host demo                            sandbox a workload, print its isolation report
+    fos-host demo [--once] [--tabs N]        a dozen tabs on a built-in origin server, live
+    fos-host demo --sandbox-report           sandbox a workload, print its isolation report
     fos-host doctor [--json]                 what this machine's kernel allows, and fixes
     fos-host seccomp dump PROFILE            the compiled filter, readable (PFC)
     fos-host bench spawn [--json]            spawn latency and memory against peers
     fos-host bench ipc [--json]              IPC round trips and transfers against peers
+    fos-host bench tabs [--json]             open-tab latency and memory of 200 tabs
+    fos-host run [--socket PATH] [options]   the daemon: a host and its control socket
+    fos-host ctl [--json] open URL | list …  control a running host
 
 Every error is one line on stderr; bad flags, policies and missing kernel features exit 2.
 """
@@ -15,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 from fos_host.errors import ConfigError, FosError
 
@@ -60,7 +66,30 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--json", action="store_true", help="the outcome as JSON on stderr")
     ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ARG...")
 
-    sub.add_parser("demo", help="sandbox a workload and print its isolation report")
+    demo = sub.add_parser(
+        "demo",
+        help="tabs on a built-in origin server in sandboxed renderers, as a live table",
+        description="Starts a built-in origin server on loopback (news.fos.test, shop.fos.test,\n"
+        "a.b.example.co.uk, c.example.co.uk, evil.test) and a host, opens a dozen tabs\n"
+        "across those sites and shows each tab's renderer: pid, host uid, site, memory used /\n"
+        "limit, state. Redrawn twice a second until Ctrl-C (or SIGTERM), which shuts\n"
+        "everything down; printed once as plain text when stdout is not a terminal.\n"
+        "Needs nothing outside this machine.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fos-host demo                     # live table; Ctrl-C stops it\n"
+        "  fos-host demo --once --tabs 5     # print the table once (exit 1 if a tab failed)\n"
+        "  fos-host demo --sandbox-report    # one sandbox seen from inside, and attacks",
+    )
+    demo.add_argument(
+        "--once", action="store_true", help="print the table once every tab has loaded, and exit"
+    )
+    demo.add_argument("--tabs", type=int, metavar="N", help="tabs to open (default: 12)")
+    demo.add_argument(
+        "--sandbox-report",
+        action="store_true",
+        help="instead: sandbox a workload, print what it can see and do, then attack from inside",
+    )
 
     doc = sub.add_parser("doctor", help="check what this machine's kernel allows")
     doc.add_argument("--json", action="store_true")
@@ -77,17 +106,24 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples (what is measured: benchmarks/README.md):\n"
         "  fos-host bench spawn --runs 200\n"
         "  fos-host bench ipc --json     # ~20 s; one JSON object\n"
-        "  fos-host bench ipc --quick    # a few calls, to see it works",
+        "  fos-host bench ipc --quick    # a few calls, to see it works\n"
+        "  fos-host bench tabs --quick   # a few opens and 20 tabs, in seconds",
     )
-    bench.add_argument("what", choices=("spawn", "ipc"))
+    bench.add_argument("what", choices=("spawn", "ipc", "tabs"))
     bench.add_argument("--json", action="store_true")
     bench.add_argument(
         "--runs",
         type=int,
-        help="spawn: runs per method; ipc: calls per method, size and placement in each round",
+        help="spawn: runs per method; ipc: calls per method, size and placement in each round; "
+        "tabs: counted opens per setup",
     )
-    bench.add_argument("--rounds", type=int, help="ipc: rounds, the methods interleaved in each")
-    bench.add_argument("--quick", action="store_true", help="ipc: a few calls, to see it works")
+    bench.add_argument(
+        "--rounds", type=int, help="ipc, tabs: rounds, the methods interleaved in each"
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="ipc, tabs: a few samples, to see it works"
+    )
+    _add_host_commands(sub)
     return p
 
 
@@ -177,9 +213,15 @@ def _cmd_seccomp(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
+    if a.sandbox_report:
+        if a.once or a.tabs is not None:
+            raise ConfigError("--once and --tabs are options of the tab demo, not --sandbox-report")
+        from fos_host.sandbox_report import run_sandbox_report
+
+        return run_sandbox_report()
     from fos_host.demo import run_demo
 
-    return run_demo()
+    return run_demo(tabs=a.tabs, once=a.once)
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
@@ -187,11 +229,258 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         from fos_host.bench_ipc import run_ipc_bench
 
         return run_ipc_bench(runs=a.runs, rounds=a.rounds, quick=a.quick, as_json=a.json)
+    if a.what == "tabs":
+        from fos_host.bench_tabs import run_tabs_bench
+
+        return run_tabs_bench(runs=a.runs, rounds=a.rounds, quick=a.quick, as_json=a.json)
     if a.rounds is not None or a.quick:
-        raise ConfigError("--rounds and --quick are options of bench ipc")
+        raise ConfigError("--rounds and --quick are options of bench ipc and bench tabs")
     from fos_host.bench import run_spawn_bench
 
     return run_spawn_bench(runs=200 if a.runs is None else a.runs, as_json=a.json)
+
+
+# -- run and ctl: the daemon and its control socket (fos_host/host/control.py) ---------------
+
+_SOCKET_HELP = (
+    "the control socket (default: /run/fos-host/control.sock as root, else "
+    "$XDG_RUNTIME_DIR/fos-host/control.sock or /tmp/fos-host-UID/control.sock)"
+)
+_CTL_ACTIONS = (  # name, positional arguments, help, example
+    ("open", ("url",), "open a tab; answers once the page loaded", "open http://news.fos.test/"),
+    ("navigate", ("tab", "url"), "show another URL in a tab", "navigate 1 http://shop.fos.test/"),
+    ("reload", ("tab",), "load a tab again (a crashed one gets a new renderer)", "reload 1"),
+    ("activate", ("tab",), "bring a tab to the front", "activate 2"),
+    ("close", ("tab",), "close a tab", "close 2"),
+    ("list", (), "every tab: state, site, renderer pid and uid, memory", "list --json"),
+    ("status", (), "the host's pid and counts: tabs, renderers, bad messages", "status"),
+    ("screenshot", ("tab",), "what a tab shows, as PNG", "screenshot 1 -o tab1.png"),
+    ("snapshot", ("tab",), "a tab's page state, from its renderer", "snapshot 1 > tab1.snap"),
+)
+
+
+def _add_host_commands(sub: Any) -> None:
+    run = sub.add_parser(
+        "run",
+        help="the daemon: a host serving a control socket until SIGTERM or SIGINT",
+        description="Start a host (zygote, network and storage services, warm renderers) and\n"
+        "serve `fos-host ctl` on a unix socket that only this user, root and --allow-uid\n"
+        "uids may use. Prints 'fos-host: ready, control socket PATH' on stderr once it\n"
+        "accepts; SIGTERM or SIGINT shut everything down and remove the socket.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fos-host run\n"
+        "  fos-host run --socket /tmp/fos/control.sock --profile /tmp/fos-profile \\\n"
+        "      --resolve news.fos.test=127.0.0.1:8080 --resolve-only --renderer-memory 64M",
+    )
+    run.add_argument("--socket", type=Path, metavar="PATH", help=_SOCKET_HELP)
+    run.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="where storage lives (default: /var/lib/fos-host as root, else "
+        "~/.local/share/fos-host)",
+    )
+    run.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="NAME=ADDR",
+        help="reach NAME at ADDR (IP or IP:PORT) without DNS; repeatable",
+    )
+    run.add_argument(
+        "--resolve-only", action="store_true", help="names not given with --resolve fail"
+    )
+    run.add_argument("--renderer-memory", metavar="SIZE", help="per renderer, e.g. 64M (default)")
+    run.add_argument("--warm", type=int, metavar="N", help="ready, unlocked renderers (default 2)")
+    run.add_argument(
+        "--tabs-per-renderer", type=int, metavar="N", help="same-site tabs sharing a renderer"
+    )
+    run.add_argument(
+        "--process-limit", type=int, metavar="N", help="renderers at most (default: from RAM)"
+    )
+    run.add_argument("--viewport", metavar="WxH", help="tab size in pixels (default 800x600)")
+    run.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="let this uid use the control socket too (the host's uid and root always may)",
+    )
+
+    common = argparse.ArgumentParser(add_help=False)  # before or after the action
+    common.add_argument("--socket", type=Path, metavar="PATH", default=argparse.SUPPRESS,
+                        help=_SOCKET_HELP)  # fmt: skip
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON instead of a table")  # fmt: skip
+    ctl = sub.add_parser(
+        "ctl",
+        parents=[common],
+        help="control a running host (fos-host run)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        + "".join(f"  fos-host ctl {example}\n" for *_, example in _CTL_ACTIONS),
+    )
+    actions = ctl.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for name, positionals, text, example in _CTL_ACTIONS:
+        act = actions.add_parser(
+            name,
+            parents=[common],
+            help=text,
+            description=text[0].upper() + text[1:] + ".",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=f"example:\n  fos-host ctl {example}",
+        )
+        for positional in positionals:
+            act.add_argument(positional, type=int if positional == "tab" else str)
+        if name in ("screenshot", "snapshot"):
+            act.add_argument(
+                "-o",
+                "--output",
+                type=Path,
+                metavar="FILE",
+                help="write it here (default: stdout, when that is not a terminal)",
+            )
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from fos_host.host.control import default_socket_path, run_host
+    from fos_host.host.host import HostConfig
+    from fos_host.kernel.cgroup import parse_size
+    from fos_host.renderer.page import MAX_VIEWPORT
+    from fos_host.services.network import parse_resolve
+
+    resolve: dict[str, str] = {}
+    for entry in a.resolve:
+        name, eq, addr = entry.partition("=")
+        if not eq:
+            raise ConfigError(f"--resolve wants NAME=ADDR (a.test=127.0.0.1:8080), not {entry!r}")
+        resolve[name] = addr
+    parse_resolve(resolve)  # a bad address is a bad flag now, not a failed fetch later
+    if a.resolve_only and not resolve:
+        raise ConfigError("--resolve-only without --resolve: no name could be reached")
+    counts = {"--warm": (a.warm, 0), "--tabs-per-renderer": (a.tabs_per_renderer, 1),
+              "--process-limit": (a.process_limit, 1)}  # fmt: skip
+    for flag, (value, least) in counts.items():
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value}: must be at least {least}")
+    for uid in a.allow_uid:
+        if not 0 <= uid < 2**32 - 1:
+            raise ConfigError(f"--allow-uid {uid}: not a uid")
+    if a.profile is not None:
+        profile = a.profile
+    elif os.geteuid() == 0:
+        profile = Path("/var/lib/fos-host")
+    else:
+        profile = Path.home() / ".local/share/fos-host"
+    config = HostConfig(profile=profile, resolve=resolve, resolve_only=a.resolve_only)
+    if a.renderer_memory is not None:
+        config.renderer_memory = parse_size(a.renderer_memory)
+    if a.warm is not None:
+        config.warm_renderers = a.warm
+    if a.tabs_per_renderer is not None:
+        config.tabs_per_renderer = a.tabs_per_renderer
+    config.process_limit = a.process_limit
+    if a.viewport is not None:
+        w, x, h = a.viewport.partition("x")
+        if not (x and w.isdigit() and h.isdigit() and 0 < int(w) <= MAX_VIEWPORT
+                and 0 < int(h) <= MAX_VIEWPORT):  # fmt: skip
+            raise ConfigError(f"--viewport {a.viewport}: give WIDTHxHEIGHT, each 1-{MAX_VIEWPORT}")
+        config.viewport = (int(w), int(h))
+
+    def ready(path: Path) -> None:
+        print(f"fos-host: ready, control socket {path}", file=sys.stderr, flush=True)
+
+    path = a.socket or default_socket_path()
+    asyncio.run(run_host(config, path, a.allow_uid, ready))
+    return 0
+
+
+def _cmd_ctl(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from fos_host.host.control import connect, default_socket_path
+
+    as_json = getattr(a, "json", False)
+    out = getattr(a, "output", None)
+    if a.action in ("screenshot", "snapshot"):
+        if as_json and out is None:
+            raise ConfigError(f"ctl {a.action} --json needs -o FILE (stdout gets the data itself)")
+        if out is None and sys.stdout.isatty():
+            raise ConfigError(f"ctl {a.action}: stdout is a terminal; give -o FILE or redirect it")
+    path = getattr(a, "socket", None) or default_socket_path()
+
+    async def call() -> Any:
+        async with connect(path) as control:
+            if a.action == "open":
+                return await control.open(a.url)
+            if a.action == "navigate":
+                return await control.navigate(a.tab, a.url)
+            if a.action in ("reload", "activate", "close", "screenshot", "snapshot"):
+                return await getattr(control, a.action)(a.tab)
+            if a.action == "list":
+                return await control.list()
+            return await control.status()
+
+    result = asyncio.run(call())
+    if isinstance(result, bytes):
+        if out is None:
+            sys.stdout.buffer.write(result)
+            sys.stdout.buffer.flush()
+            return 0
+        out.write_bytes(result)
+        if as_json:
+            print(json.dumps({"tab": a.tab, "file": str(out), "bytes": len(result)}))
+        else:
+            print(f"tab {a.tab}: {a.action}, {len(result)} bytes, written to {out}")
+    elif as_json:
+        done = {"closed": a.tab} if a.action == "close" else _plain(result)
+        print(json.dumps(done, indent=2))
+    elif a.action == "close":
+        print(f"tab {a.tab} closed")
+    elif a.action == "status":
+        s = result
+        print(f"fos-host pid {s.pid}: {s.tabs} tabs, {s.renderers} renderer processes, "
+              f"{s.bad_messages} bad messages, {s.crashes} crashes")  # fmt: skip
+    else:
+        print(_tab_table(result if isinstance(result, list) else [result]))
+    return 0
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses (and lists of them) as JSON-ready dicts."""
+    import dataclasses
+
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return dataclasses.asdict(value)
+
+
+def _tab_table(tabs: list[Any]) -> str:
+    """Tabs as a table a person reads: the active one starred, a failure's reason below."""
+    from fos_host.kernel.cgroup import format_size
+
+    if not tabs:
+        return "no tabs (open one with: fos-host ctl open URL)"
+    rows = [("TAB", "STATE", "SITE", "PID", "UID", "MEMORY", "TITLE / URL")]
+    for t in tabs:
+        memory = ""
+        if t.memory is not None:
+            limit = f" / {format_size(t.memory_limit)}" if t.memory_limit else ""
+            memory = format_size(t.memory) + limit
+        rows.append((f"{t.id}{'*' if t.active else ''}", t.state, t.site or "-",
+                     str(t.pid or "-"), str(t.host_uid or "-"), memory or "-",
+                     f"{t.title} <{t.url}>" if t.title else t.url))  # fmt: skip
+        if t.reason:
+            rows.append(("", "", "", "", "", "", f"  {t.reason}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
+        for r in rows
+    ).rstrip()
 
 
 COMMANDS = {
@@ -200,6 +489,8 @@ COMMANDS = {
     "seccomp": _cmd_seccomp,
     "demo": _cmd_demo,
     "bench": _cmd_bench,
+    "run": _cmd_run,
+    "ctl": _cmd_ctl,
 }
 
 

@@ -1,115 +1,331 @@
-"""`fos-host demo`: sandbox a Python workload from the zygote and print what it can see and
-do — an isolation report in the spirit of chrome://sandbox — then attack from inside.
+"""`fos-host demo`: the browser's process model, live, needing nothing outside this machine.
 
-Needs nothing outside this machine. (The browser demo with tabs and sites comes with the
-host; until then this is the main job.)
+It starts the built-in origin server (services/origin.py) on loopback and a `Host` whose
+network service resolves the demo's names to that server and nowhere else (`resolve_only`),
+opens a dozen tabs across its sites (`PAGES`), brings the first one to the front and shows
+which sandboxed renderer each tab lives in: its pid, its host uid, its site, the memory of
+its cgroup against the limit, and its state. Everything runs in a temporary profile.
+
+On a terminal the table is redrawn twice a second until Ctrl-C or SIGTERM; with `--once`, or
+when stdout is not a terminal (CI, a pipe), it is printed once as plain text after every tab
+has finished loading. Either way the host (renderers, services, zygote, cgroups), the origin
+server and the profile are gone before it exits.
+
+`fos-host demo --sandbox-report` is the other half: one sandbox seen from inside
+(sandbox_report.py).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import socket
+import asyncio
+import contextlib
+import itertools
+import signal
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
 
-from fos_host.sandbox.jail import Jail
-from fos_host.sandbox.sandbox import Spawner
+from rich import box
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from fos_host.errors import ConfigError, FosError
+from fos_host.host.host import Host, HostConfig, TabState
+from fos_host.interfaces.control import TabView
+from fos_host.kernel.cgroup import format_size
+from fos_host.services.origin import OriginServer
+
+# What the tabs show, in order; `--tabs N` takes the first N (and starts over past the end).
+# The first twelve cover what site isolation has to get right.
+PAGES = (
+    "http://news.fos.test/",
+    "http://news.fos.test/article/1",
+    "http://news.fos.test/moved",  # two redirects within the site, to /article/1
+    "http://news.fos.test/to-shop",  # to shop.fos.test: the same site (fos.test), no move
+    "http://news.fos.test/big",  # 3 MiB of text: a renderer that uses its memory
+    "http://shop.fos.test/",
+    "http://shop.fos.test/cart",
+    "http://a.b.example.co.uk/",  # a.b.example.co.uk and c.example.co.uk: one site,
+    "http://c.example.co.uk/",  # http://example.co.uk (co.uk is a public suffix)
+    "http://a.b.example.co.uk/to-c",
+    "http://evil.test/",
+    "http://evil.test/steal",  # a cross-site redirect: the tab moves to a fos.test renderer
+    "http://news.fos.test/article/2",
+    "http://news.fos.test/slow",  # trickles in over a few seconds
+)
+DEFAULT_TABS = 12
+MAX_TABS = 100  # each tab is a renderer process of up to 64 MiB: a ceiling against typos
+REDRAW = 0.5  # seconds between redraws of the live table
+SETTLE = 30.0  # --once: seconds for every tab to finish loading, redirects included
+PLAIN_WIDTH = 200  # columns of the plain-text table (a pipe has no width of its own)
+COLUMNS = ("tab", "title", "url", "site", "pid", "host uid", "memory", "state")
+NUMERIC_COLUMNS = frozenset({"tab", "pid", "host uid"})
+STATE_STYLES = {"ready": "green", "loading": "yellow", "failed": "red", "crashed": "bold red"}
 
 
-def _run(sp: Spawner, jail: Jail, *args: str, warm: bool = True) -> tuple[str, str, float]:
-    r, w = os.pipe()
-    jail.fds = {1: w}
-    t0 = time.perf_counter()
-    with sp.spawn(jail, entry="fos_host.probe:main", args=args, warm=warm) as sb:
-        os.close(w)
-        out = b""
-        first = None
-        while chunk := os.read(r, 65536):
-            first = first or time.perf_counter()
-            out += chunk
-        os.close(r)
-        status = sb.wait()
-    ms = ((first or time.perf_counter()) - t0) * 1000
-    return out.decode(), status.describe(), ms
+@dataclass(frozen=True)
+class Totals:
+    """The footer line, and the summary at the end."""
+
+    tabs: int
+    sites: int
+    renderers: int  # live renderer processes, the warm ones included
+    warm: int  # running but not yet locked to a site
+    memory: int  # bytes, the renderers' cgroups together
+    bad_messages: int
+    crashes: int
+
+    @classmethod
+    def of(cls, host: Host, infos: list[TabView]) -> Totals:
+        renderers = host.renderers()
+        return cls(
+            tabs=len(infos),
+            sites=len({i.site for i in infos if i.site}),
+            renderers=len(renderers),
+            warm=sum(p.lock is None for p in renderers),
+            memory=sum(p.memory() or 0 for p in renderers),
+            bad_messages=host.bad_messages,
+            crashes=host.crashes,
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"{self.tabs} tabs on {self.sites} sites in {self.renderers - self.warm} renderers "
+            f"(+{self.warm} warm) · renderer memory {format_size(self.memory)} · "
+            f"{self.bad_messages} bad messages · {self.crashes} crashes"
+        )
 
 
-def _row(name: str, ok: bool, detail: str) -> str:
-    return f"  {'OK  ' if ok else 'FAIL'}  {name:<28} {detail}"
+def run_demo(tabs: int | None = None, once: bool = False) -> int:
+    """Run the demo with `tabs` tabs (None: DEFAULT_TABS); see the module docstring. 0 when
+    it ends by a signal or, with --once or no terminal, when every tab loaded; 1 when a tab
+    did not."""
+    tabs = DEFAULT_TABS if tabs is None else tabs
+    if not 1 <= tabs <= MAX_TABS:
+        raise ConfigError(f"--tabs wants 1 to {MAX_TABS} tabs, not {tabs}")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=PLAIN_WIDTH)
+    urls = list(itertools.islice(itertools.cycle(PAGES), tabs))
+    return asyncio.run(_Demo(urls, console, live=console.is_terminal and not once).run())
 
 
-def run_demo() -> int:
-    secret_dir = tempfile.mkdtemp(prefix="fos-demo-")
-    secret = os.path.join(secret_dir, "secret.txt")
-    with open(secret, "w") as f:
-        f.write("host secret\n")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    bad = 0
-    try:
-        with Spawner(zygote=True, pool=1) as sp:
-            jail = Jail("renderer").memory("64M").pids(32)
-            _run(sp, jail, "byte", warm=False)  # the first one waits for the zygote's preload
-            _, _, cold_ms = _run(sp, jail, "byte", warm=False)
-            sp.prewarm(jail)
-            sp.settle()
-            text, why, ms = _run(sp, jail, "report")
-            rep = json.loads(text)
+class _Demo:
+    def __init__(self, urls: list[str], console: Console, live: bool) -> None:
+        self.urls = urls
+        self.console = console
+        self.live = live
+        self.plain = not console.is_terminal
+        self.stopping = asyncio.Event()
+        self.stopped_by: signal.Signals | None = None
+        self.closed: Totals | None = None  # what the host had when it was closed
+        self.opened: dict[int, str] = {}  # tab id -> the URL it was opened with
+
+    async def run(self) -> int:
+        """Start, show, shut everything down; after a signal, say so in one line."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        started = time.monotonic()
+        ok = await self._run()
+        if self.stopped_by is not None:
+            c = self.closed
+            what = (
+                f"closed {c.tabs} tabs and {c.renderers} renderers ({c.bad_messages} bad "
+                f"messages, {c.crashes} crashes)"
+                if c
+                else "stopped while starting"
+            )
             print(
-                f"fos-host demo: a renderer sandbox from a warm spare in {ms:.1f} ms to its "
-                f"first byte (cold from the zygote: {cold_ms:.1f} ms); it {why}\n"
+                f"fos-host demo: {self.stopped_by.name} after {time.monotonic() - started:.0f} s: "
+                f"{what}; the host, the origin server and the temporary profile are gone"
             )
-            print("Isolation report (seen from inside):")
-            checks = [
-                ("pid namespace", rep["visible_pids"] == [1], f"sees pids {rep['visible_pids']}"),
-                (
-                    "user namespace",
-                    rep["uid_map"][:2] == ["0", rep["uid_map"][1]] and rep["uid_map"][1] != "0",
-                    f"root inside = host uid {rep['uid_map'][1]}",
-                ),
-                ("network", rep["interfaces"] == ["lo"], f"interfaces {rep['interfaces']}"),
-                ("hostname", rep["hostname"] == "fos-sandbox", rep["hostname"]),
-                (
-                    "capabilities",
-                    rep["CapEff"] == rep["CapBnd"] == "0000000000000000",
-                    f"CapEff {rep['CapEff']} CapBnd {rep['CapBnd']}",
-                ),
-                ("no_new_privs", rep["NoNewPrivs"] == "1", rep["NoNewPrivs"]),
-                ("seccomp filter", rep["Seccomp"] == "2", f"mode {rep['Seccomp']}"),
-                ("file descriptors", rep["fds"] == [0, 1, 2], str(rep["fds"])),
-                ("environment", "NOTIFY_SOCKET" not in rep["environ"], ",".join(rep["environ"])),
-                (
-                    "cgroup namespace",
-                    all(line.endswith(":/") for line in rep["cgroup"]),
-                    "own cgroup is /",
-                ),
-                ("core dumps", rep["rlimit_core"] == [0, 0], str(rep["rlimit_core"])),
-                ("own session", rep["sid_is_self"], "setsid"),
-            ]
-            for name, ok, detail in checks:
-                bad += not ok
-                print(_row(name, ok, detail))
-            print("  mounts:", " ".join(rep["mounts"]))
+        return 0 if ok or self.stopped_by else 1
 
-            port = listener.getsockname()[1]
-            text, why, ms = _run(
-                sp,
-                Jail("renderer").memory("64M").pids(32),
-                "attack",
-                f"secret={secret}",
-                f"port={port}",
+    def _on_signal(self, sig: signal.Signals) -> None:
+        """A SIGINT or SIGTERM stops the demo at the next safe point: between two tabs while
+        opening them, at once while showing. Nothing is cancelled midway (a Host call cut
+        short can leave a spawn running on the host's worker thread with its fds closed
+        under it), and later signals are ignored (`timeout`, for one, signals twice): the
+        shutdown must finish, or cgroups and the profile would be left behind."""
+        if self.stopped_by is None:
+            self.stopped_by = sig
+            self.stopping.set()
+
+    async def _run(self) -> bool:
+        """Whether every tab opened and loaded (--once, or no terminal), or True after the
+        live table; everything started here is closed when it returns."""
+        async with contextlib.AsyncExitStack() as stack:
+            profile = stack.enter_context(tempfile.TemporaryDirectory(prefix="fos-demo-"))
+            with _Progress(len(self.urls) + 1 + (not self.live)) as progress:
+                origin = await stack.enter_async_context(OriginServer())
+                config = HostConfig(
+                    profile=Path(profile), resolve=origin.resolve(), resolve_only=True
+                )
+                host = await stack.enter_async_context(Host(config))
+                stack.callback(self._closing, host)  # runs first: the host is still up
+                progress.advance(
+                    f"host up: zygote, network and storage services, "
+                    f"{config.warm_renderers} warm renderers; origin server on "
+                    f"{origin.address}:{origin.port}"
+                )
+                opened = await self._open_tabs(host, progress)
+                if not self.live and not self.stopping.is_set():
+                    progress.describe("waiting for the pages to load")
+                    loading = await self._settle(host, SETTLE)
+                    progress.advance(f"still loading: {loading}" if loading else "all loaded")
+            if self.stopping.is_set():
+                return True
+            if host.tabs:
+                host.activate(min(host.tabs))
+            if self.live:
+                await self._show_live(host)
+                return True
+            self.console.print(self._view(host))
+            return opened and all(i.state == "ready" for i in host.infos())
+
+    def _closing(self, host: Host) -> None:
+        self.closed = Totals.of(host, host.infos())
+
+    async def _open_tabs(self, host: Host, progress: _Progress) -> bool:
+        """One by one, each returning once its renderer has started to load the page (the
+        pages load on meanwhile), so that a signal stops it between two tabs. A tab that
+        cannot be opened is reported and the others go on; whether all opened."""
+        ok = True
+        for url in self.urls:
+            if self.stopping.is_set():
+                break
+            try:
+                tab = await host.open(url, wait=False)
+            except (FosError, OSError) as e:
+                progress.advance(f"cannot open {url}: {e}", error=True)
+                ok = False
+                continue
+            self.opened[tab.id] = url
+            progress.advance(f"tab {tab.id} opened: {url}")
+        return ok
+
+    async def _settle(self, host: Host, timeout: float) -> int:
+        """Wait until no tab is loading (a redirect to another site loads a second time),
+        for `timeout` seconds at most, or until a signal; how many are still loading."""
+        deadline = time.monotonic() + timeout
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            loading = sum(tab.state is TabState.LOADING for tab in host.tabs.values())
+            if not loading:
+                return 0
+            await asyncio.sleep(0.05)
+        return sum(tab.state is TabState.LOADING for tab in host.tabs.values())
+
+    async def _show_live(self, host: Host) -> None:
+        """Redraw every REDRAW seconds until a signal; the last table stays on the screen.
+        Redrawn from here, not by rich's own refresh thread, which would read the host's
+        state while the event loop changes it."""
+        with Live(self._view(host), console=self.console, auto_refresh=False) as live:
+            while not self.stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), REDRAW)
+                live.update(self._view(host), refresh=True)
+
+    def _view(self, host: Host) -> Group:
+        """The table of tabs and the totals below it. A terminal too narrow for every column
+        loses the titles first (rich would squeeze every column into ellipses instead)."""
+        infos = sorted(host.infos(), key=lambda i: i.id)
+        totals = Totals.of(host, infos)
+        rows = [self._row(i) for i in infos]
+        table = _table(rows, COLUMNS, self.plain)
+        unbounded = self.console.options.update_width(sys.maxsize)  # the width it wants
+        if self.console.measure(table, options=unbounded).maximum > self.console.width:
+            table = _table(rows, [c for c in COLUMNS if c != "title"], self.plain)
+        lines: list[RenderableType] = [table, Text(f"{totals}   (* the active tab)")]
+        if self.live:
+            lines.append(Text("Ctrl-C stops the demo and shuts everything down", style="dim"))
+        return Group(*lines)
+
+    def _row(self, i: TabView) -> dict[str, str | Text]:
+        """One tab's cells by column. A redirected tab shows where it started: after its URL
+        in plain text, below it on a terminal (which keeps the column narrow)."""
+        state = f"{i.state}: {i.reason}" if i.reason else i.state
+        return {
+            "tab": f"*{i.id}" if i.active else str(i.id),
+            "title": i.title,
+            "url": _url_text(i.url, self.opened.get(i.id, i.url), " " if self.plain else "\n"),
+            "site": i.site,
+            "pid": _text(i.pid),
+            "host uid": _text(i.host_uid),
+            "memory": _memory(i),
+            "state": Text(state, style="" if self.plain else STATE_STYLES.get(i.state, "")),
+        }
+
+
+def _table(rows: list[dict[str, str | Text]], columns: Sequence[str], plain: bool) -> Table:
+    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAVY, header_style="bold")
+    for name in columns:
+        table.add_column(name, justify="right" if name in NUMERIC_COLUMNS else "left")
+    for row in rows:
+        table.add_row(*(row[name] for name in columns))
+    return table
+
+
+class _Progress:
+    """Start-up progress on stderr: a bar on a terminal; one line per step otherwise, so a CI
+    log shows how far it got. The bar goes away once the table is shown."""
+
+    def __init__(self, total: int) -> None:
+        console = Console(stderr=True)
+        self._lines = not console.is_terminal
+        self._bar = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}", markup=False),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+        )
+        self._task = self._bar.add_task("starting the origin server and the host", total=total)
+
+    def __enter__(self) -> _Progress:
+        if not self._lines:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def advance(self, what: str, *, error: bool = False) -> None:
+        """One step done; `what` says which."""
+        self._bar.advance(self._task)
+        self.describe(what, error=error)
+
+    def describe(self, what: str, *, error: bool = False) -> None:
+        self._bar.update(self._task, description=what)
+        if self._lines or error:  # above the bar, on a terminal
+            self._bar.console.print(
+                f"fos-host demo: {what}", markup=False, highlight=False, soft_wrap=True
             )
-            print("\nAttacks from inside (each must fail):")
-            for res in json.loads(text):
-                bad += not res["blocked"]
-                print(_row(res["attack"], res["blocked"], res["how"]))
 
-            text, why, ms = _run(sp, Jail("renderer").memory("32M"), "alloc", "200")
-            print("\nAllocating 200 MiB under a 32 MiB limit:", why)
-    finally:
-        listener.close()
-        os.unlink(secret)
-        os.rmdir(secret_dir)
-    print(f"\n{'all checks passed' if not bad else f'{bad} check(s) FAILED'}")
-    return 1 if bad else 0
+
+def _url_text(url: str, opened: str, sep: str) -> str:
+    """The tab's URL, and where it was opened if a redirect took it elsewhere:
+    "http://news.fos.test/article/1 ← /moved" (`sep` " ")."""
+    if url == opened:
+        return url
+    a, b = urlsplit(url), urlsplit(opened)
+    return f"{url}{sep}← {b.path if (a.scheme, a.netloc) == (b.scheme, b.netloc) else opened}"
+
+
+def _text(n: int | None) -> str:
+    return "" if n is None else str(n)
+
+
+def _memory(i: TabView) -> str:
+    if i.memory is None:
+        return ""
+    limit = "no limit" if i.memory_limit is None else format_size(i.memory_limit)
+    return f"{format_size(i.memory)} / {limit}"

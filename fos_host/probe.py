@@ -342,6 +342,37 @@ def serve_ipc(fd: int) -> None:
     asyncio.run(run())
 
 
+def hostile_renderer(*argv: str) -> int:
+    """A compromised renderer, for the host's tests (`HostConfig.renderer_entry`): the real
+    renderer, except that the page's localStorage obeys commands, as an exploited renderer
+    would. `local_get` of "forge-storage:ORIGIN|KEY" asks the host for another origin's
+    storage, of "forge-fetch:URL" fetches any URL; `local_set("alloc", b"MB")` allocates
+    MB MiB (an out-of-memory kill under the renderer's limit)."""
+    import asyncio
+
+    from fos_host.renderer.main import CHANNEL_FD, RendererImpl, read_body, serve
+
+    class Hostile(RendererImpl):
+        async def local_get(self, key: str) -> bytes | None:
+            command, _, arg = key.partition(":")
+            if command == "forge-storage":
+                origin, _, name = arg.partition("|")
+                return await self.host().storage_get(origin, name)
+            if command == "forge-fetch":
+                fetched = await self.host().fetch(arg)
+                return read_body(fetched.body, fetched.length)
+            return await super().local_get(key)
+
+        async def local_set(self, key: str, value: bytes) -> None:
+            if key == "alloc":
+                self.hog = alloc(int(value))
+                return
+            await super().local_set(key, value)
+
+    asyncio.run(serve(int(argv[0]) if argv else CHANNEL_FD, Hostile))
+    return 0
+
+
 def main(*argv: str) -> int:
     args = list(argv) or sys.argv[1:]
     cmd, rest = (args[0], args[1:]) if args else ("report", [])

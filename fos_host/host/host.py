@@ -58,6 +58,7 @@ from fos_host.host.sites import (
 )
 from fos_host.interfaces import network as net
 from fos_host.interfaces import storage as st
+from fos_host.interfaces.control import TabView
 from fos_host.interfaces.renderer import (
     Fetched,
     FetchFailed,
@@ -92,6 +93,7 @@ NETWORK_FILES = (
     "/etc/nsswitch.conf",
     "/etc/gai.conf",
 )
+MAX_MOVES = 5  # cross-site redirects in a row before a navigation fails
 SHUTDOWN_GRACE = 1.0  # seconds a released renderer has to exit by itself
 
 
@@ -125,30 +127,28 @@ class TabState(enum.Enum):
 
 
 @dataclass
-class TabInfo:
-    """A tab as `list` and the control API show it."""
+class View:
+    """A tab's document in a renderer: the view's channel and the frame it paints into."""
 
-    id: int
-    url: str
-    title: str
-    state: str
-    reason: str
-    site: str
-    active: bool
-    renderer: int | None
-    pid: int | None
-    host_uid: int | None
-    memory: int | None  # bytes in its renderer's cgroup (shared by the renderer's tabs)
-    memory_limit: int | None
+    endpoint: Endpoint
+    page: Renderer
+    frame: mmap.mmap  # read-only here; the renderer paints into it
+
+    def close(self) -> None:
+        self.endpoint.close()
+        self.frame.close()
 
 
 class RendererProc:
-    """A running renderer: its sandbox, its first channel and, once taken, its lock."""
+    """A running renderer: its sandbox, its first channel and, once taken, its lock. It
+    starts with a view open and a frame attached (`ready_view`), which its first tab takes."""
 
-    def __init__(self, sandbox: Sandbox, endpoint: Endpoint) -> None:
+    def __init__(self, host: Host, sandbox: Sandbox, endpoint: Endpoint) -> None:
         self.sandbox = sandbox
         self.endpoint = endpoint
+        self.broker = _Broker(host, self)
         self.control: RendererProcess | None = None  # once connected
+        self.ready_view: View | None = None
         self.rid: int | None = None  # ProcessModel's id, once locked
         self.lock: SiteLock | None = None
         self.released = False  # the host let it go: its exit is no crash
@@ -182,10 +182,13 @@ class Tab:
     last_active: float = 0.0
     links: list[str] = field(default_factory=list)
     renderer: RendererProc | None = None
-    view: Endpoint | None = None
-    page: Renderer | None = None
-    frame: mmap.mmap | None = None  # read-only; the renderer paints into it
+    view: View | None = None
     loading: asyncio.Task[None] | None = None
+
+    @property
+    def page(self) -> Renderer | None:
+        """The proxy to the tab's document in its renderer."""
+        return self.view.page if self.view else None
 
 
 class Service:
@@ -246,11 +249,12 @@ class Host:
         for task in list(self._tasks):
             task.cancel()
         for tab in self.tabs.values():
+            self._stop_loading(tab)
             self._detach(tab)
         self.tabs.clear()
         for proc in list(self._live):
             self._unwatch(proc)
-            proc.endpoint.close()
+            self._drop(proc)
         for service in self._services.values():
             self._unwatch_service(service)
             service.endpoint.close()
@@ -279,16 +283,20 @@ class Host:
         self, jail: Jail, entry: str, args: tuple[str, ...], name: str, uid: int | None = None
     ) -> tuple[Sandbox, Channel]:
         """A sandbox running `entry`, with the other end of its channel at fd 3."""
-        assert self._spawner is not None
+        spawner = self._spawner
+        assert spawner is not None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        jail.pass_fd(theirs.fileno(), 3)
+
+        def spawn() -> Sandbox:  # the worker closes `theirs`: it may outlive a cancelled wait
+            with theirs:
+                return spawner.spawn(jail, entry=entry, args=args, uid=uid)
+
         try:
-            jail.pass_fd(theirs.fileno(), 3)
-            sandbox = await self._run(self._spawner.spawn, jail, entry=entry, args=args, uid=uid)
+            sandbox = await self._run(spawn)
         except BaseException:
             mine.close()
             raise
-        finally:
-            theirs.close()
         return sandbox, Channel(mine, name=f"{name} {sandbox.pid}")
 
     def _renderer_jail(self, fd: int | None) -> Jail:
@@ -304,16 +312,17 @@ class Host:
             self._renderer_jail(None), c.renderer_entry, c.renderer_args, "renderer"
         )
         endpoint = Endpoint(channel, {}, call_timeout=c.fetch_timeout + 10)
-        proc = RendererProc(sandbox, endpoint)  # watched before it is connected
+        proc = RendererProc(self, sandbox, endpoint)  # watched before it is connected
         endpoint.on_bad_message = lambda why: self._bad_message(proc, f"protocol: {why}")
         self._live.add(proc)
         self._watch(proc)
         try:
             await endpoint.connect()
             proc.control = endpoint.proxy(RendererProcess)
-        except BaseException:
+            proc.ready_view = await self._open_view(proc)
+        except (FosError, OSError) as e:
             self._kill(proc)
-            raise
+            raise FosError(f"renderer pid={proc.pid} did not start: {e}") from e
         log.debug("renderer pid=%d uid=%d started", sandbox.pid, sandbox.host_uid)
         return proc
 
@@ -336,7 +345,7 @@ class Host:
         status = proc.sandbox.poll()
         assert status is not None  # the pidfd is readable once it exited
         proc.status = status
-        proc.endpoint.close()
+        self._drop(proc)
         self._live.discard(proc)
         with contextlib.suppress(ValueError):
             self._warm.remove(proc)
@@ -358,6 +367,13 @@ class Host:
         if not self._closing:
             self._background(self._run(proc.sandbox.close))  # its cgroup goes
             self._background(self.fill_warm_pool())
+
+    def _drop(self, proc: RendererProc) -> None:
+        """Close the host's ends of a renderer's channels."""
+        proc.endpoint.close()
+        if proc.ready_view is not None:
+            proc.ready_view.close()
+            proc.ready_view = None
 
     def _bad_message(self, proc: RendererProc, reason: str) -> None:
         """A renderer broke the rules: kill it, log and count why."""
@@ -385,8 +401,20 @@ class Host:
             if proc.status is None:
                 self._warm.append(proc)
 
+    async def settle(self) -> None:
+        """Wait until the warm pool is full (or a renderer failed to start, which is logged)
+        and the spare sandboxes behind it are ready."""
+        while not self._closing:
+            await self.fill_warm_pool()
+            if len(self._warm) >= self.config.warm_renderers or not self._warming:
+                break
+            await asyncio.sleep(0.005)  # others are on their way
+        if self._spawner is not None:
+            await self._run(self._spawner.settle)
+
     async def _take_renderer(self, rid: int, lock: SiteLock) -> RendererProc:
-        """A renderer locked to `lock`: from the warm pool, else a new one."""
+        """A renderer locked to `lock`: from the warm pool (no wait: its view is open and
+        its frame attached), else a new one."""
         proc = None
         while self._warm:
             candidate = self._warm.popleft()
@@ -395,8 +423,8 @@ class Host:
                 break
         if proc is None:
             proc = await self._start_renderer()
-        else:
-            self._background(self.fill_warm_pool())
+        else:  # after this open: the refill's spawn competes with it for the GIL
+            asyncio.get_running_loop().call_soon(self._background, self.fill_warm_pool())
         proc.rid, proc.lock = rid, lock
         log.info("renderer pid=%d uid=%d locked to %s", proc.pid, proc.sandbox.host_uid, lock.site)
         return proc
@@ -435,9 +463,9 @@ class Host:
         sandbox, channel = await self._spawn(jail, entry, args, name, uid)
         endpoint = Endpoint(channel, {}, call_timeout=self.config.fetch_timeout + 5)
         service = Service(name, sandbox, endpoint)
-        self._services[name] = service
         asyncio.get_running_loop().add_reader(sandbox.pidfd, self._service_exited, service)
         await endpoint.connect()
+        self._services[name] = service  # calls go to it from now on
         log.debug("%s service pid=%d uid=%d started", name, sandbox.pid, sandbox.host_uid)
 
     def _unwatch_service(self, service: Service) -> None:
@@ -509,14 +537,16 @@ class Host:
             with contextlib.suppress(KeyError):
                 self._release(self.model.close(tab.id))
             raise
-        await self._start_load(tab, url, wait)
+        await self._start_load(tab, url, wait, moves=0)
         return tab
 
     async def navigate(self, tab_id: int, url: str, *, wait: bool = True) -> Tab:
         """Show `url` in the tab: in the same renderer within its site, in another one
         across sites (the one it leaves ends if it has no tab left)."""
+        return await self._navigate(self.tab(tab_id), url, wait, moves=0)
+
+    async def _navigate(self, tab: Tab, url: str, wait: bool, moves: int) -> Tab:
         site_of(url)
-        tab = self.tab(tab_id)
         self._stop_loading(tab)
         if tab.renderer is None:  # crashed, or its renderer failed to start: a new one
             with contextlib.suppress(KeyError):
@@ -528,7 +558,7 @@ class Host:
             self._detach(tab)
             self._release(a.released)
             await self._attach(tab, a.lock, a.renderer, a.new)
-        await self._start_load(tab, url, wait)
+        await self._start_load(tab, url, wait, moves)
         return tab
 
     async def reload(self, tab_id: int, *, wait: bool = True) -> Tab:
@@ -568,22 +598,22 @@ class Host:
     def screenshot(self, tab_id: int) -> bytes:
         """What the tab shows, as PNG."""
         tab = self.tab(tab_id)
-        if tab.frame is None:
+        if tab.view is None:
             raise FosError(f"tab {tab_id} shows nothing: {tab.state.value} {tab.reason}".rstrip())
         w, h = self.config.viewport
-        with memoryview(tab.frame) as view:
+        with memoryview(tab.view.frame) as view:
             return to_png(view, w, h)
 
     async def snapshot(self, tab_id: int) -> bytes:
         """The tab's page state (URL, DOM, scroll, form), from its renderer."""
         tab = self.tab(tab_id)
-        if tab.page is None:
+        if tab.view is None:
             raise FosError(f"tab {tab_id} has no renderer: {tab.state.value} {tab.reason}".rstrip())
-        return await tab.page.snapshot()
+        return await tab.view.page.snapshot()
 
-    def info(self, tab: Tab) -> TabInfo:
+    def info(self, tab: Tab) -> TabView:
         proc = tab.renderer
-        return TabInfo(
+        return TabView(
             id=tab.id,
             url=tab.url,
             title=tab.title,
@@ -598,7 +628,7 @@ class Host:
             memory_limit=proc.sandbox.limits.memory_max if proc else None,
         )
 
-    def infos(self) -> list[TabInfo]:
+    def infos(self) -> list[TabView]:
         return [self.info(tab) for tab in self.tabs.values()]
 
     def renderers(self) -> list[RendererProc]:
@@ -608,55 +638,81 @@ class Host:
     # -- a tab's view in its renderer ------------------------------------------------------------
 
     async def _attach(self, tab: Tab, lock: SiteLock, rid: int, new: bool) -> None:
-        """Give the tab a view in renderer `rid` and a frame to paint into."""
+        """Give the tab a view in renderer `rid`: the renderer's ready view, or a new one."""
         proc = await self._renderer(rid, lock, new)
+        tab.renderer = proc
+        view, proc.ready_view = proc.ready_view, None
+        try:
+            tab.view = view or await self._open_view(proc)
+        except FosError as e:
+            self._detach(tab)
+            raise FosError(f"tab {tab.id}: {e}") from e
+
+    async def _open_view(self, proc: RendererProc) -> View:
+        """A view in `proc` with a frame attached: the renderer's own end of a new channel
+        goes with `open_view`, while this end says HELLO (both at once: one round trip)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        view = Endpoint(
-            Channel(mine, name=f"tab {tab.id}"),
-            {RendererHost: _Broker(self, proc)},
+        endpoint = Endpoint(
+            Channel(mine, name=f"view {proc.pid}"),
+            {RendererHost: proc.broker},
             call_timeout=self.config.fetch_timeout + 10,
             on_bad_message=lambda why: self._bad_message(proc, f"protocol: {why}"),
         )
-        tab.renderer, tab.view = proc, view
+        frame: mmap.mmap | None = None
         try:
             assert proc.control is not None
-            await proc.control.open_view(Socket(theirs.detach()))
-            await view.connect()
-            tab.page = view.proxy(Renderer)
+            await asyncio.gather(
+                proc.control.open_view(Socket(theirs.detach())), endpoint.connect()
+            )
+            page = endpoint.proxy(Renderer)
             w, h = self.config.viewport
-            frame = _frame(w, h)
-            tab.frame = mmap.mmap(frame, frame_size(w, h), mmap.MAP_SHARED, mmap.PROT_READ)
-            await tab.page.attach_frame(Memfd(frame), w, h)  # the fd goes with the call
-        except (ChannelClosed, CallTimeout) as e:
-            self._detach(tab)
-            raise FosError(f"tab {tab.id}: its renderer pid={proc.pid} is gone: {e}") from e
+            fd = _frame(w, h)
+            frame = mmap.mmap(fd, frame_size(w, h), mmap.MAP_SHARED, mmap.PROT_READ)
+            await page.attach_frame(Memfd(fd), w, h)  # the fd goes with the call
+        except BaseException as e:
+            endpoint.close()
+            if frame is not None:
+                frame.close()
+            if isinstance(e, (ChannelClosed, CallTimeout, RemoteError)):
+                raise FosError(f"renderer pid={proc.pid} gave no view: {e}") from e
+            raise
+        return View(endpoint, page, frame)
 
     def _detach(self, tab: Tab) -> None:
         if tab.view is not None:
             tab.view.close()
-        if tab.frame is not None:
-            tab.frame.close()
-        tab.renderer = tab.view = tab.page = tab.frame = None
+        tab.renderer = tab.view = None
 
     def _stop_loading(self, tab: Tab) -> None:
         if tab.loading is not None and not tab.loading.done():
             tab.loading.cancel()
         tab.loading = None
 
-    async def _start_load(self, tab: Tab, url: str, wait: bool) -> None:
+    async def _start_load(self, tab: Tab, url: str, wait: bool, moves: int) -> None:
         tab.url, tab.state, tab.reason = url, TabState.LOADING, ""
-        tab.loading = asyncio.get_running_loop().create_task(self._load(tab, url))
+        tab.loading = asyncio.get_running_loop().create_task(self._load(tab, url, moves))
         if wait:
             await self.wait_loaded(tab.id)
 
-    async def _load(self, tab: Tab, url: str) -> None:
-        assert tab.page is not None
+    async def _load(self, tab: Tab, url: str, moves: int) -> None:
+        """Navigate the tab's view to `url`; a redirect to another site moves the tab there
+        (at most MAX_MOVES times in a row: sites that redirect to each other fail)."""
+        if tab.view is None:  # detached before this task ran
+            return
         try:
-            info: PageInfo = await tab.page.navigate(url)
+            info: PageInfo = await tab.view.page.navigate(url)
         except Redirected as e:
-            log.info("tab %d: %s redirects to %s, another site", tab.id, url, e)
-            tab.loading = None
-            self._background(self.navigate(tab.id, str(e)))
+            target = str(e)
+            log.info("tab %d: %s redirects to %s, another site", tab.id, url, target)
+            if moves >= MAX_MOVES:
+                tab.state = TabState.FAILED
+                tab.reason = f"more than {MAX_MOVES} redirects across sites (last to {target})"
+                return
+            tab.loading = None  # this task goes on until the move has loaded
+            try:
+                await self._navigate(tab, target, wait=True, moves=moves + 1)
+            except FosError as failed:
+                tab.state, tab.reason = TabState.FAILED, str(failed)
             return
         except (ChannelClosed, CallTimeout) as e:
             if tab.state is not TabState.CRASHED:

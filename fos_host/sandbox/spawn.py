@@ -29,6 +29,7 @@ and reads its exit status, whether the launcher was the host itself or the zygot
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import json
@@ -285,6 +286,11 @@ def give_order(sock: socket.socket, pid: int, order: Order, pass_fds: list[int])
     SpareGone when the spare died before it read the order (its channel resets)."""
     try:
         fds.send_fds(sock, order.to_json(), pass_fds)
+    except OSError as e:
+        if e.errno == errno.EBADF:  # one of ours: no spare would take it
+            raise FosError(f"a file descriptor to pass is not open: {pass_fds}") from e
+        raise SpareGone(f"the spare sandbox is gone: {e}", pid) from e
+    try:
         return await_status(sock, pid, learn=False, claim=True)
     except OSError as e:
         raise SpareGone(f"the spare sandbox is gone: {e}", pid) from e

@@ -3,10 +3,11 @@ header, on one loopback port (plain HTTP/1.1, or TLS with a context the caller m
 
 The network service reaches it through its resolve map (`OriginServer.resolve()` gives
 {name: 127.0.0.1:port} for every site), so URLs keep their real names — `http://news.fos.test/`
-— and site isolation sees real sites: news.fos.test and shop.fos.test are two sites,
-a.b.example.co.uk and c.example.co.uk one (example.co.uk). `demo_sites()` is the default
-content: pages with titles and links between the sites, redirects within a site and across
-sites, a redirect loop, a big page of unknown length, a slow page, a page that sets a cookie.
+— and site isolation sees real sites: news.fos.test and shop.fos.test are one site (fos.test:
+`.test` is a public suffix), a.b.example.co.uk and c.example.co.uk one (example.co.uk),
+evil.test another. `demo_sites()` is the default content: pages with titles and links
+between the sites, redirects within a site and across sites, a redirect loop, a big page of
+unknown length, a slow page, a page that sets a cookie.
 
 Only what a fetch needs is spoken: GET and HEAD, keep-alive, Content-Length or chunked
 answers. Stdlib only, so the demo runs it anywhere the host runs.

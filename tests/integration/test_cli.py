@@ -27,13 +27,15 @@ class Result:
         return f"Result(rc={self.returncode}, stderr={self.stderr!r})"
 
 
-def fos(*args: str, timeout: float = 60) -> Result:
+def fos(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> Result:
+    """Run fos-host (with `env` instead of this process's environment, if given)."""
     with subprocess.Popen(
         [*FOS, *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     ) as p:
         out, err = p.communicate(timeout=timeout)
     return Result(p.pid, p.returncode, out, err)
@@ -116,6 +118,8 @@ def test_binds_and_tmpfs(tmp_path: Path) -> None:
         (["exec"], "no command given"),
         (["exec", "--profile", "/nonexistent/x.policy", "--", "true"], "x.policy"),
         (["seccomp", "dump", "nope"], "nope"),
+        (["demo", "--tabs", "0"], "--tabs wants 1 to"),
+        (["demo", "--sandbox-report", "--once"], "not --sandbox-report"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args: list[str], needle: str) -> None:
