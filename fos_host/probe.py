@@ -350,7 +350,7 @@ def hostile_renderer(*argv: str) -> int:
     MB MiB (an out-of-memory kill under the renderer's limit)."""
     import asyncio
 
-    from fos_host.renderer.main import CHANNEL_FD, RendererImpl, read_body, serve
+    from fos_host.renderer.main import CHANNEL_FD, RendererImpl, first_view, read_body, serve
 
     class Hostile(RendererImpl):
         async def local_get(self, key: str) -> bytes | None:
@@ -369,7 +369,7 @@ def hostile_renderer(*argv: str) -> int:
                 return
             await super().local_set(key, value)
 
-    asyncio.run(serve(int(argv[0]) if argv else CHANNEL_FD, Hostile))
+    asyncio.run(serve(CHANNEL_FD, Hostile, first_view(argv)))
     return 0
 
 

@@ -116,7 +116,6 @@ class HostConfig:
     ca_pem: str | None = None  # extra CA certificates for the network service
     storage_quota: int = 5 * MiB  # per site
     renderer_entry: str = RENDERER_ENTRY  # tests swap in a compromised renderer
-    renderer_args: tuple[str, ...] = ()
 
 
 class TabState(enum.Enum):
@@ -239,7 +238,7 @@ class Host:
         spawner = Spawner(zygote=True, pool=self.config.spare_sandboxes, preload=RENDERER_PRELOAD)
         self._spawner = await self._run(spawner.__enter__)
         if self.config.spare_sandboxes:
-            await self._run(spawner.prewarm, self._renderer_jail(None))
+            await self._run(spawner.prewarm, self._renderer_jail())
         await asyncio.gather(self._start_network(), self._start_storage())
         await self.fill_warm_pool()
 
@@ -280,17 +279,30 @@ class Host:
     # -- sandboxes ---------------------------------------------------------------------------
 
     async def _spawn(
-        self, jail: Jail, entry: str, args: tuple[str, ...], name: str, uid: int | None = None
+        self,
+        jail: Jail,
+        entry: str,
+        args: tuple[str, ...],
+        name: str,
+        uid: int | None = None,
+        extra: tuple[int, ...] = (),
     ) -> tuple[Sandbox, Channel]:
-        """A sandbox running `entry`, with the other end of its channel at fd 3."""
+        """A sandbox running `entry`, with the other end of its channel at fd 3 and the
+        `extra` fds (which this closes) at 4, 5, ..."""
         spawner = self._spawner
         assert spawner is not None
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         jail.pass_fd(theirs.fileno(), 3)
+        for target, fd in enumerate(extra, 4):
+            jail.pass_fd(fd, target)
 
-        def spawn() -> Sandbox:  # the worker closes `theirs`: it may outlive a cancelled wait
-            with theirs:
+        def spawn() -> Sandbox:  # the worker closes the fds: it may outlive a cancelled wait
+            try:
                 return spawner.spawn(jail, entry=entry, args=args, uid=uid)
+            finally:
+                theirs.close()
+                for fd in extra:
+                    os.close(fd)
 
         try:
             sandbox = await self._run(spawn)
@@ -299,28 +311,45 @@ class Host:
             raise
         return sandbox, Channel(mine, name=f"{name} {sandbox.pid}")
 
-    def _renderer_jail(self, fd: int | None) -> Jail:
+    def _renderer_jail(self) -> Jail:
         jail = Jail("renderer").memory(self.config.renderer_memory).pids(self.config.renderer_pids)
-        jail.hostname("fos-renderer")
-        if fd is not None:
-            jail.pass_fd(fd, 3)
-        return jail
+        return jail.hostname("fos-renderer")
 
     async def _start_renderer(self) -> RendererProc:
+        """A new renderer, with its first view's channel and frame passed at spawn (fds 4
+        and 5), so that it is ready as soon as both channels said HELLO."""
         c = self.config
-        sandbox, channel = await self._spawn(
-            self._renderer_jail(None), c.renderer_entry, c.renderer_args, "renderer"
-        )
+        w, h = c.viewport
+        view_mine, view_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            frame_fd = _frame(w, h)
+        except BaseException:
+            view_mine.close()
+            view_theirs.close()
+            raise
+        frame = mmap.mmap(frame_fd, frame_size(w, h), mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            sandbox, channel = await self._spawn(
+                self._renderer_jail(), c.renderer_entry, ("--view", f"{w}x{h}"), "renderer",
+                extra=(view_theirs.detach(), frame_fd),
+            )  # fmt: skip
+        except BaseException:
+            view_mine.close()
+            frame.close()
+            raise
         endpoint = Endpoint(channel, {}, call_timeout=c.fetch_timeout + 10)
         proc = RendererProc(self, sandbox, endpoint)  # watched before it is connected
         endpoint.on_bad_message = lambda why: self._bad_message(proc, f"protocol: {why}")
         self._live.add(proc)
         self._watch(proc)
+        view = self._view_endpoint(proc, view_mine)
         try:
-            await endpoint.connect()
+            await asyncio.gather(endpoint.connect(), view.connect())
             proc.control = endpoint.proxy(RendererProcess)
-            proc.ready_view = await self._open_view(proc)
+            proc.ready_view = View(view, view.proxy(Renderer), frame)
         except (FosError, OSError) as e:
+            view.close()
+            frame.close()
             self._kill(proc)
             raise FosError(f"renderer pid={proc.pid} did not start: {e}") from e
         log.debug("renderer pid=%d uid=%d started", sandbox.pid, sandbox.host_uid)
@@ -652,12 +681,7 @@ class Host:
         """A view in `proc` with a frame attached: the renderer's own end of a new channel
         goes with `open_view`, while this end says HELLO (both at once: one round trip)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        endpoint = Endpoint(
-            Channel(mine, name=f"view {proc.pid}"),
-            {RendererHost: proc.broker},
-            call_timeout=self.config.fetch_timeout + 10,
-            on_bad_message=lambda why: self._bad_message(proc, f"protocol: {why}"),
-        )
+        endpoint = self._view_endpoint(proc, mine)
         frame: mmap.mmap | None = None
         try:
             assert proc.control is not None
@@ -677,6 +701,16 @@ class Host:
                 raise FosError(f"renderer pid={proc.pid} gave no view: {e}") from e
             raise
         return View(endpoint, page, frame)
+
+    def _view_endpoint(self, proc: RendererProc, sock: socket.socket) -> Endpoint:
+        """The host's end of a view's channel: `RendererHost` for `proc`, checked by its
+        broker; a protocol violation is a bad message."""
+        return Endpoint(
+            Channel(sock, name=f"view {proc.pid}"),
+            {RendererHost: proc.broker},
+            call_timeout=self.config.fetch_timeout + 10,
+            on_bad_message=lambda why: self._bad_message(proc, f"protocol: {why}"),
+        )
 
     def _detach(self, tab: Tab) -> None:
         if tab.view is not None:

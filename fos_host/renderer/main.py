@@ -34,6 +34,7 @@ from fos_host.renderer.page import MAX_VIEWPORT, BadSnapshot, Page
 from fos_host.renderer.paint import frame_size
 
 CHANNEL_FD = 3
+FIRST_VIEW_FD, FRAME_FD = 4, 5  # with --view WxH: a first view, ready at start
 HOST_CALL_TIMEOUT = 120.0  # the host bounds fetches itself (and answers within its bound)
 
 
@@ -173,14 +174,21 @@ class ProcessImpl:
         self._views: set[asyncio.Task[None]] = set()
 
     def open_view(self, channel: Socket) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve_view(channel.take()))
+        self.start_view(channel.take())
+
+    def start_view(self, fd: int, frame: tuple[Memfd, int, int] | None = None) -> None:
+        """Serve a view on the channel `fd`, painting into `frame` (memfd, width, height)
+        from the start if one is given."""
+        view = self._make_view(lambda: endpoint.proxy(RendererHost))
+        if frame is not None:
+            view.attach_frame(*frame)
+        channel = Channel(socket.socket(fileno=fd), name="view")
+        endpoint = Endpoint(channel, {Renderer: view}, call_timeout=HOST_CALL_TIMEOUT)
+        task = asyncio.get_running_loop().create_task(self._serve_view(view, endpoint))
         self._views.add(task)
         task.add_done_callback(self._views.discard)
 
-    async def _serve_view(self, fd: int) -> None:
-        view = self._make_view(lambda: endpoint.proxy(RendererHost))
-        channel = Channel(socket.socket(fileno=fd), name="view")
-        endpoint = Endpoint(channel, {Renderer: view}, call_timeout=HOST_CALL_TIMEOUT)
+    async def _serve_view(self, view: RendererImpl, endpoint: Endpoint) -> None:
         try:
             await endpoint.connect()
             await endpoint.wait_closed()
@@ -194,11 +202,16 @@ class ProcessImpl:
 
 
 async def serve(
-    fd: int, make_view: Callable[[Callable[[], RendererHost]], RendererImpl] = RendererImpl
+    fd: int,
+    make_view: Callable[[Callable[[], RendererHost]], RendererImpl] = RendererImpl,
+    first_view: tuple[int, int] | None = None,
 ) -> None:
-    """Serve `RendererProcess` on `fd` until the host closes the channel."""
+    """Serve `RendererProcess` on `fd` until the host closes the channel; with `first_view`
+    (width, height), a view on FIRST_VIEW_FD painting into the frame on FRAME_FD at once."""
     impl = ProcessImpl(make_view)
     endpoint = Endpoint(Channel(socket.socket(fileno=fd), name="renderer"), {RendererProcess: impl})
+    if first_view is not None:
+        impl.start_view(FIRST_VIEW_FD, (Memfd(FRAME_FD), *first_view))
     try:
         await endpoint.connect()
         await endpoint.wait_closed()
@@ -206,7 +219,18 @@ async def serve(
         impl.close()
 
 
+def first_view(argv: tuple[str, ...]) -> tuple[int, int] | None:
+    """The viewport of `--view WxH`, or None without arguments."""
+    if not argv:
+        return None
+    if len(argv) != 2 or argv[0] != "--view":
+        raise SystemExit(f"renderer: expected no arguments or --view WxH, not {argv}")
+    width, _, height = argv[1].partition("x")
+    return int(width), int(height)
+
+
 def main(*argv: str) -> int:
-    """The sandbox's entry: `args=()` serves on fd 3, `args=("N",)` on fd N."""
-    asyncio.run(serve(int(argv[0]) if argv else CHANNEL_FD))
+    """The sandbox's entry: serves `RendererProcess` on fd 3; with `args=("--view", "WxH")`
+    also a first view on fd 4 whose frame is the memfd on fd 5 (no round trips to set up)."""
+    asyncio.run(serve(CHANNEL_FD, first_view=first_view(argv)))
     return 0
