@@ -184,7 +184,7 @@ class _Demo:
             if self.stopping.is_set():
                 return True
             if host.tabs:
-                host.activate(min(host.tabs))
+                await host.activate(min(host.tabs))
             if self.live:
                 await self._show_live(host)
                 return True

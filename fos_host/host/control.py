@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fos_host.errors import ConfigError, FosError
-from fos_host.interfaces.control import BadUrl, Control, Failed, NoSuchTab, Status, TabView
+from fos_host.interfaces.control import (
+    BadUrl,
+    Control,
+    Event,
+    Failed,
+    NoSuchTab,
+    Status,
+    TabView,
+)
 from fos_host.ipc.channel import Channel, ChannelClosed
 from fos_host.ipc.interface import Endpoint
 
@@ -100,9 +108,9 @@ class ControlService:
         with _translated():
             return self._host.info(await self._host.reload(tab))
 
-    def activate(self, tab: int) -> TabView:
+    async def activate(self, tab: int) -> TabView:
         with _translated():
-            return self._host.info(self._host.activate(tab))
+            return self._host.info(await self._host.activate(tab))
 
     async def close(self, tab: int) -> None:
         with _translated():
@@ -118,6 +126,32 @@ class ControlService:
     async def snapshot(self, tab: int) -> bytes:
         with _translated():
             return await self._host.snapshot(tab)
+
+    async def events(self) -> AsyncIterator[Event]:
+        host = self._host
+        queue = host.subscribe()
+        try:
+            for event in list(host.events):
+                yield event
+            while True:
+                yield await queue.get()
+        finally:
+            host.unsubscribe(queue)
+
+    async def step(self, tab: int, action: str) -> TabView:
+        from fos_host.host.lifecycle import Action
+
+        try:
+            act = Action(action)
+        except ValueError:
+            raise Failed(f"no action {action!r}: freeze, hibernate, discard or kill") from None
+        with _translated():
+            await self._host.step(tab, act, "asked by fos-host ctl")
+            return self._host.info(self._host.tab(tab))
+
+    def pin(self, tab: int, pinned: bool) -> TabView:
+        with _translated():
+            return self._host.info(self._host.pin(tab, pinned))
 
     def status(self) -> Status:
         host = self._host

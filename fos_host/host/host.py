@@ -35,6 +35,7 @@ import json
 import logging
 import mmap
 import os
+import secrets
 import signal
 import socket
 import time
@@ -47,6 +48,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from fos_host.errors import FosError
+from fos_host.host.lifecycle import Action, Policy, TabFacts, Tier, decide
+from fos_host.host.pressure import Change, Level, PressureConfig, PressureMonitor
 from fos_host.host.sites import (
     BadUrl,
     MiB,
@@ -56,9 +59,17 @@ from fos_host.host.sites import (
     process_limit,
     site_of,
 )
+from fos_host.host.tiered import (
+    SnapshotLost,
+    SnapshotMeta,
+    SnapshotWriteError,
+    StoreConfig,
+    StoreTier,
+    TieredStore,
+)
 from fos_host.interfaces import network as net
 from fos_host.interfaces import storage as st
-from fos_host.interfaces.control import TabView
+from fos_host.interfaces.control import Event, TabView
 from fos_host.interfaces.renderer import (
     Fetched,
     FetchFailed,
@@ -73,6 +84,7 @@ from fos_host.interfaces.renderer import (
 from fos_host.ipc.channel import Channel, ChannelClosed
 from fos_host.ipc.interface import CallTimeout, Endpoint, Interface, RemoteError
 from fos_host.ipc.wire import Memfd, Socket
+from fos_host.kernel.cgroup import Budget, load_budget, load_tiers
 from fos_host.renderer.paint import frame_size, to_png
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import UID_BASE, UID_COUNT, ExitStatus, Sandbox, Spawner
@@ -95,6 +107,9 @@ NETWORK_FILES = (
 )
 MAX_MOVES = 5  # cross-site redirects in a row before a navigation fails
 SHUTDOWN_GRACE = 1.0  # seconds a released renderer has to exit by itself
+LIFECYCLE_TICK = 1.0  # seconds between looks at the tabs when nothing wakes the policy
+EVENTS_KEPT = 1000  # lifecycle events kept for `ctl events`
+EVENT_QUEUE = 1000  # events a slow subscriber may fall behind by
 
 
 @dataclass
@@ -116,6 +131,12 @@ class HostConfig:
     ca_pem: str | None = None  # extra CA certificates for the network service
     storage_quota: int = 5 * MiB  # per site
     renderer_entry: str = RENDERER_ENTRY  # tests swap in a compromised renderer
+    policy: Policy = field(default_factory=Policy)  # when tabs step down (host/lifecycle.py)
+    lifecycle: bool = True  # run the policy (off: tabs change tiers only when asked)
+    action_gap: float = 1.0  # seconds after an action that freed memory before the next
+    store: StoreConfig = field(default_factory=StoreConfig)  # budgets of the snapshot tiers
+    pressure: PressureConfig = field(default_factory=PressureConfig)
+    budget: Budget | None = None  # the renderers' parent's memory (None: cgroups/budget.toml)
 
 
 class TabState(enum.Enum):
@@ -149,6 +170,7 @@ class RendererProc:
         self.control: RendererProcess | None = None  # once connected
         self.ready_view: View | None = None
         self.rid: int | None = None  # ProcessModel's id, once locked
+        self.tier = Tier.ACTIVE  # what its cgroup is set to (a new one has the defaults)
         self.lock: SiteLock | None = None
         self.released = False  # the host let it go: its exit is no crash
         self.killed_for: str | None = None  # the bad message it was killed for
@@ -178,7 +200,11 @@ class Tab:
     state: TabState = TabState.LOADING
     reason: str = ""
     active: bool = False
-    last_active: float = 0.0
+    last_active: float = field(default_factory=time.monotonic)
+    tier: Tier = Tier.BACKGROUND
+    pinned: bool = False
+    unsaved: bool = False  # the user typed into a form: never hibernated or discarded
+    key: str = field(default_factory=lambda: secrets.token_hex(8))  # its snapshot's name
     links: list[str] = field(default_factory=list)
     renderer: RendererProc | None = None
     view: View | None = None
@@ -188,6 +214,11 @@ class Tab:
     def page(self) -> Renderer | None:
         """The proxy to the tab's document in its renderer."""
         return self.view.page if self.view else None
+
+    @property
+    def protected(self) -> bool:
+        """Never stepped down: in front, pinned, holding unsaved input, or loading."""
+        return self.active or self.pinned or self.unsaved or self.state is TabState.LOADING
 
 
 class Service:
@@ -219,6 +250,12 @@ class Host:
         self._tab_ids = itertools.count(1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self.tiers = load_tiers()
+        self.store = TieredStore(Path(config.profile) / "snapshots", config.store)
+        self.monitor: PressureMonitor | None = None
+        self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)
+        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._wake = asyncio.Event()
 
     # -- start and stop ------------------------------------------------------------------------
 
@@ -241,6 +278,13 @@ class Host:
             await self._run(spawner.prewarm, self._renderer_jail())
         await asyncio.gather(self._start_network(), self._start_storage())
         await self.fill_warm_pool()
+        for key, meta in self.store.cold_entries().items():  # discarded before a restart
+            tab = Tab(next(self._tab_ids), meta.url, meta.title, TabState.READY)
+            tab.tier, tab.key = Tier.DISCARDED, key
+            self.tabs[tab.id] = tab
+        await self._start_monitor()
+        if self.config.lifecycle:
+            self._background(self._lifecycle())
 
     async def close(self) -> None:
         """Close every tab, renderer and service, and the zygote; leaves nothing behind."""
@@ -257,6 +301,9 @@ class Host:
         for service in self._services.values():
             self._unwatch_service(service)
             service.endpoint.close()
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
         if self._spawner is not None:
             await self._run(self._spawner.close)  # kills, reaps and removes what is left
             self._spawner = None
@@ -471,9 +518,9 @@ class Host:
                 raise
         return await asyncio.shield(self._renderers[rid])
 
-    def _release(self, rid: int | None) -> None:
+    def _release(self, rid: int | None, *, at_once: bool = False) -> None:
         """The model let renderer `rid` go (its last tab left): close its channel, which
-        ends it; kill it if it is still there after SHUTDOWN_GRACE."""
+        ends it; kill it if it is still there after SHUTDOWN_GRACE (`at_once`: now)."""
         if rid is None:
             return
         future = self._renderers.pop(rid, None)
@@ -482,7 +529,10 @@ class Host:
         proc = future.result()
         proc.released = True
         proc.endpoint.close()
-        asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, self._kill, proc)
+        if at_once:
+            self._kill(proc)
+        else:
+            asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, self._kill, proc)
 
     # -- services ------------------------------------------------------------------------------
 
@@ -566,6 +616,7 @@ class Host:
             with contextlib.suppress(KeyError):
                 self._release(self.model.close(tab.id))
             raise
+        self._background(self._settle_tier(tab))
         await self._start_load(tab, url, wait, moves=0)
         return tab
 
@@ -577,6 +628,11 @@ class Host:
     async def _navigate(self, tab: Tab, url: str, wait: bool, moves: int) -> Tab:
         site_of(url)
         self._stop_loading(tab)
+        if tab.tier is Tier.FROZEN:
+            await self._thaw(self._live_proc(tab))
+        elif not tab.tier.has_process:  # a new page supersedes the snapshot
+            self.store.drop(tab.key)
+            tab.tier, tab.reason = (Tier.ACTIVE if tab.active else Tier.BACKGROUND), ""
         if tab.renderer is None:  # crashed, or its renderer failed to start: a new one
             with contextlib.suppress(KeyError):
                 self._release(self.model.close(tab.id))
@@ -600,15 +656,37 @@ class Host:
             raise KeyError(f"no tab {tab_id}")
         self._stop_loading(tab)
         self._detach(tab)
-        if tab.state is not TabState.CRASHED:
+        self.store.drop(tab.key)
+        if tab.state is not TabState.CRASHED and tab.tier.has_process:
             self._release(self.model.close(tab_id))
 
-    def activate(self, tab_id: int) -> Tab:
-        """Bring the tab to the front (the others go to the back)."""
+    async def activate(self, tab_id: int) -> Tab:
+        """Bring the tab to the front (the one in front goes to the back): thawed, or
+        restored from its snapshot, in the active tier."""
         tab = self.tab(tab_id)
+        now = time.monotonic()
         for other in self.tabs.values():
-            other.active = other is tab
-        tab.last_active = time.monotonic()
+            if other.active and other is not tab:
+                other.active, other.last_active = False, now
+                if other.renderer is not None and other.renderer.tier is Tier.ACTIVE:
+                    await self._set_tier(other.renderer, Tier.BACKGROUND)
+        tab.active, tab.last_active = True, now
+        await self._revive(tab)
+        if tab.renderer is not None and tab.renderer.tier is not Tier.ACTIVE:
+            await self._set_tier(tab.renderer, Tier.ACTIVE)
+        self._wake.set()
+        return tab
+
+    def pin(self, tab_id: int, pinned: bool = True) -> Tab:
+        """A pinned tab is never frozen, hibernated or discarded."""
+        tab = self.tab(tab_id)
+        tab.pinned = pinned
+        return tab
+
+    def mark_unsaved(self, tab_id: int, unsaved: bool = True) -> Tab:
+        """A tab holding input the user typed is never frozen, hibernated or discarded."""
+        tab = self.tab(tab_id)
+        tab.unsaved = unsaved
         return tab
 
     def tab(self, tab_id: int) -> Tab:
@@ -628,7 +706,8 @@ class Host:
         """What the tab shows, as PNG."""
         tab = self.tab(tab_id)
         if tab.view is None:
-            raise FosError(f"tab {tab_id} shows nothing: {tab.state.value} {tab.reason}".rstrip())
+            why = tab.tier.value if not tab.tier.has_process else f"{tab.state.value} {tab.reason}"
+            raise FosError(f"tab {tab_id} shows nothing: {why.rstrip()} (activate it)")
         w, h = self.config.viewport
         with memoryview(tab.view.frame) as view:
             return to_png(view, w, h)
@@ -636,6 +715,10 @@ class Host:
     async def snapshot(self, tab_id: int) -> bytes:
         """The tab's page state (URL, DOM, scroll, form), from its renderer."""
         tab = self.tab(tab_id)
+        if not tab.tier.has_process and tab.state is not TabState.CRASHED:
+            return await asyncio.to_thread(self.store.get, tab.key, promote=False)
+        if tab.tier is Tier.FROZEN:
+            await self._thaw(self._live_proc(tab))
         if tab.view is None:
             raise FosError(f"tab {tab_id} has no renderer: {tab.state.value} {tab.reason}".rstrip())
         return await tab.view.page.snapshot()
@@ -650,6 +733,7 @@ class Host:
             reason=tab.reason,
             site=_site_text(tab.url),
             active=tab.active,
+            tier=tab.tier.value,
             renderer=proc.rid if proc else None,
             pid=proc.pid if proc else None,
             host_uid=proc.sandbox.host_uid if proc else None,
@@ -663,6 +747,262 @@ class Host:
     def renderers(self) -> list[RendererProc]:
         """Every live renderer, warm ones included."""
         return sorted(self._live, key=lambda p: p.pid)
+
+    # -- the lifecycle: tiers, hibernation, restore ------------------------------------------------
+
+    async def _start_monitor(self) -> None:
+        """Give the renderers' parent (the host's cgroup) its budget and listen to its
+        memory pressure (host/pressure.py). Without cgroups there is no monitor: tabs still
+        freeze when idle, and step down when asked."""
+        cgroups = self._spawner.cgroups if self._spawner is not None else None
+        if cgroups is None:
+            log.warning("no cgroups of our own: no memory pressure monitor")
+            return
+        parent = cgroups.as_cgroup()
+        budget = self.config.budget or load_budget()
+        await self._run(parent.set_limits, budget.limits(mem_total()))
+        monitor = PressureMonitor(parent, self.config.pressure)
+        try:
+            monitor.start()
+        except FosError as e:
+            monitor.close()
+            log.warning("no memory pressure monitor: %s", e)
+            return
+        monitor.subscribe(self._on_level)
+        self.monitor = monitor
+        log.info("%s", monitor.describe())
+
+    def _on_level(self, change: Change) -> None:
+        self._event(None, "level", f"{change.previous.value} -> {change.level.value}: "
+                    f"{change.reason}", time.monotonic())  # fmt: skip
+        self._wake.set()
+
+    def level(self) -> Level:
+        """The memory pressure level now (NONE without a monitor)."""
+        return self.monitor.level if self.monitor is not None else Level.NONE
+
+    def facts(self) -> list[TabFacts]:
+        """What the lifecycle policy sees of every tab."""
+        now = time.monotonic()
+        return [
+            TabFacts(
+                tab.id,
+                tab.tier,
+                now - tab.last_active,
+                (tab.renderer.memory() or 0) if tab.renderer else 0,
+                tab.protected,
+                tab.renderer.rid if tab.renderer else None,
+            )
+            for tab in self.tabs.values()
+        ]
+
+    async def _lifecycle(self) -> None:
+        """The policy's loop: one action at a time, asked again after each (after
+        `action_gap` when the action freed memory, so the pressure signals can see it)."""
+        while not self._closing:
+            decision = decide(self.facts(), self.level(), self.config.policy)
+            if decision is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), LIFECYCLE_TICK)
+                continue
+            try:
+                await self.step(decision.tab, decision.action, decision.why)
+            except (FosError, KeyError) as e:
+                log.warning("tab %d: %s failed: %s", decision.tab, decision.action.value, e)
+                await asyncio.sleep(self.config.action_gap)  # not the same failure at once
+            if decision.action is not Action.FREEZE:
+                await asyncio.sleep(self.config.action_gap)
+
+    async def step(self, tab_id: int, action: Action, why: str = "asked") -> Event:
+        """Carry out one lifecycle action on a tab (and so on every tab of its renderer)."""
+        tab = self.tab(tab_id)
+        started = time.monotonic()
+        freed: int | None = None
+        if action is Action.FREEZE:
+            await self._freeze(tab)
+        elif action is Action.HIBERNATE:
+            freed = await self._hibernate(tab)
+        elif action is Action.DISCARD:
+            if tab.tier.has_process:
+                freed = await self._hibernate(tab)
+            await self._discard(tab)
+        else:
+            freed = self._kill_tab(tab)
+        return self._event(tab, action.value, why, started, freed)
+
+    def _event(
+        self, tab: Tab | None, action: str, why: str, started: float, freed: int | None = None
+    ) -> Event:
+        event = Event(
+            time=time.time(),
+            tab=tab.id if tab else None,
+            action=action,
+            tier=tab.tier.value if tab else "",
+            why=why,
+            freed=freed,
+            ms=round((time.monotonic() - started) * 1000, 3),
+            level=self.level().value,
+        )
+        self.events.append(event)
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+        log.info("tab %s: %s (%s) in %.1f ms%s", event.tab, action, why, event.ms,
+                 f", {freed} bytes freed" if freed is not None else "")  # fmt: skip
+        return event
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        """A queue that gets every lifecycle event from now on; `unsubscribe` it when done."""
+        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=EVENT_QUEUE)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        self._subscribers.discard(queue)
+
+    def _tabs_of(self, proc: RendererProc) -> list[Tab]:
+        return [t for t in self.tabs.values() if t.renderer is proc]
+
+    def _live_proc(self, tab: Tab) -> RendererProc:
+        if tab.renderer is None:
+            raise FosError(f"tab {tab.id} has no renderer ({tab.tier.value})")
+        return tab.renderer
+
+    async def _set_tier(self, proc: RendererProc, tier: Tier) -> None:
+        """Apply a tier's profile (cgroups/tiers.toml) to a renderer's cgroup: CPU weight,
+        memory.high as a share of its limit, frozen or not."""
+        profile = self.tiers[tier.value]
+        cg = proc.sandbox.cgroup
+        if cg is not None:
+            limits = profile.limits(proc.sandbox.limits.memory_max)
+
+            def apply() -> None:
+                if profile.freeze:
+                    cg.set_limits(limits)
+                    cg.freeze()
+                else:
+                    cg.thaw()
+                    cg.set_limits(limits)
+
+            await asyncio.to_thread(apply)
+        proc.tier = tier
+        for t in self._tabs_of(proc):
+            t.tier = tier if tier is Tier.FROZEN else (Tier.ACTIVE if t.active else Tier.BACKGROUND)
+
+    async def _settle_tier(self, tab: Tab) -> None:
+        """A renderer that got a tab is in the tier of its most active tab (after the open
+        has returned: the cgroup writes are not in its way)."""
+        proc = tab.renderer
+        if proc is None or proc.tier is Tier.FROZEN:
+            return
+        want = Tier.ACTIVE if any(t.active for t in self._tabs_of(proc)) else Tier.BACKGROUND
+        if proc.tier is not want:
+            await self._set_tier(proc, want)
+
+    async def _freeze(self, tab: Tab) -> None:
+        proc = self._live_proc(tab)
+        if proc.tier is Tier.FROZEN:
+            return
+        await self._set_tier(proc, Tier.FROZEN)
+
+    async def _thaw(self, proc: RendererProc) -> None:
+        """A frozen renderer runs again, in the tier of its most active tab."""
+        active = any(t.active for t in self._tabs_of(proc))
+        await self._set_tier(proc, Tier.ACTIVE if active else Tier.BACKGROUND)
+
+    async def _hibernate(self, tab: Tab) -> int | None:
+        """Snapshot every tab of the renderer into the warm tier, then end the renderer;
+        the bytes its cgroup held (what ending it freed)."""
+        proc = self._live_proc(tab)
+        if proc.tier is Tier.FROZEN:
+            await self._thaw(proc)  # a frozen renderer answers nothing
+        tabs = self._tabs_of(proc)
+        snapshots = []
+        for t in tabs:
+            assert t.view is not None
+            snapshots.append(await t.view.page.snapshot())
+        freed = proc.memory()
+        for t, data in zip(tabs, snapshots, strict=True):
+            self.store.put(t.key, data, SnapshotMeta(url=t.url, title=t.title))
+        for t in tabs:
+            self._detach(t)
+            t.tier = Tier.HIBERNATED
+            self._release(self.model.close(t.id), at_once=True)
+        await self._rebalance()
+        return freed
+
+    async def _rebalance(self) -> None:
+        """Keep the snapshot tiers within their budgets (host/tiered.py): what the store
+        moved to disk is discarded; what it evicted reloads from its URL when activated."""
+        moves = await asyncio.to_thread(self.store.rebalance)
+        by_key = {t.key: t for t in self.tabs.values()}
+        for key, tier in moves.demoted:
+            tab = by_key.get(key)
+            if tab is not None and tier is StoreTier.COLD:
+                tab.tier = Tier.DISCARDED
+                self._event(tab, "discard", "over the warm tier's budget", time.monotonic())
+        for key in moves.evicted:
+            if key in by_key:
+                self._event(by_key[key], "evict", "over the cold tier's budget", time.monotonic())
+        for error in moves.errors:
+            log.error("snapshot store: %s", error)
+
+    async def _discard(self, tab: Tab) -> None:
+        """The hibernated tab's snapshot goes to disk (the cold tier)."""
+        if tab.tier is not Tier.HIBERNATED:
+            raise FosError(f"tab {tab.id} is {tab.tier.value}, not hibernated")
+        try:
+            await asyncio.to_thread(self.store.demote, tab.key, StoreTier.COLD)
+        except SnapshotWriteError as e:  # it stays in memory: nothing is lost
+            raise FosError(f"tab {tab.id} stays hibernated: {e}") from e
+        tab.tier = Tier.DISCARDED
+        await self._rebalance()
+
+    def _kill_tab(self, tab: Tab) -> int | None:
+        """End the tab's renderer without a snapshot (a memory emergency): its tabs reload
+        from their URLs when they come back."""
+        proc = self._live_proc(tab)
+        freed = proc.memory()
+        for t in self._tabs_of(proc):
+            self._detach(t)
+            t.tier = Tier.DISCARDED
+            t.reason = "killed under a memory emergency: it reloads when activated"
+            self._release(self.model.close(t.id), at_once=True)
+        return freed
+
+    async def _revive(self, tab: Tab) -> None:
+        """Bring a frozen, hibernated or discarded tab back: thaw it, or give it a renderer
+        and restore its snapshot (nothing is fetched). A lost or corrupt snapshot: the tab
+        reloads from its URL and says why."""
+        if tab.tier is Tier.FROZEN:
+            await self._thaw(self._live_proc(tab))
+            return
+        if tab.tier.has_process:
+            return
+        started = time.monotonic()
+        lost = tab.reason
+        a = self.model.assign(tab.id, tab.url)
+        await self._attach(tab, a.lock, a.renderer, a.new)
+        tab.tier = Tier.ACTIVE if tab.active else Tier.BACKGROUND
+        try:
+            data = await asyncio.to_thread(self.store.get, tab.key)
+        except (KeyError, SnapshotLost) as e:
+            lost = lost or f"its snapshot is lost ({e})"
+            await self._start_load(tab, tab.url, wait=True, moves=0)
+            tab.reason = f"{lost}; reloaded from its URL"
+            self._event(tab, "reload", tab.reason, started)
+            return
+        assert tab.view is not None
+        try:
+            info = await tab.view.page.restore(data)
+        except RemoteError as e:
+            await self._start_load(tab, tab.url, wait=True, moves=0)
+            tab.reason = f"its snapshot did not restore ({e}); reloaded from its URL"
+        else:
+            tab.url, tab.title, tab.links = info.url, info.title, info.links
+            tab.state, tab.reason = TabState.READY, ""
+        self.store.drop(tab.key)
+        self._event(tab, "restore", "activated", started)
 
     # -- a tab's view in its renderer ------------------------------------------------------------
 

@@ -9,6 +9,7 @@ Screenshots and snapshots are plain `bytes`: big ones cross as sealed memfds by 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fos_host.ipc.interface import Interface, RemoteError, method
@@ -37,11 +38,26 @@ class TabView:
     reason: str  # why it failed or crashed, "" otherwise
     site: str  # scheme://registrable-domain, "" for a URL without one
     active: bool
+    tier: str  # active, background, frozen, hibernated, discarded
     renderer: int | None  # the process model's renderer id, None without a renderer
     pid: int | None  # the renderer's pid (on the host)
     host_uid: int | None  # the renderer's unprivileged uid on the host
     memory: int | None  # bytes in its renderer's cgroup (shared by the renderer's tabs)
     memory_limit: int | None
+
+
+@dataclass
+class Event:
+    """A lifecycle step of a tab (or of the pressure level, with `tab` None)."""
+
+    time: float  # Unix time
+    tab: int | None
+    action: str  # freeze, thaw, hibernate, discard, kill, restore, reload, level
+    tier: str  # the tab's tier after it
+    why: str
+    freed: int | None  # bytes its renderer's cgroup held, when the step ended a renderer
+    ms: float  # how long the step took
+    level: str  # the pressure level when it happened
 
 
 @dataclass
@@ -101,4 +117,20 @@ class Control(Interface, version=1):
     @method(8)
     async def status(self) -> Status:
         """Counts of the whole host."""
+        ...
+
+    @method(9)
+    async def events(self) -> AsyncIterator[Event]:
+        """The lifecycle events kept so far, then each new one as it happens."""
+        ...
+
+    @method(10)
+    async def step(self, tab: int, action: str) -> TabView:
+        """Step the tab down by hand: freeze, hibernate, discard or kill (as the lifecycle
+        policy would under pressure; the active tab too)."""
+        ...
+
+    @method(11)
+    async def pin(self, tab: int, pinned: bool) -> TabView:
+        """Pin or unpin the tab: a pinned tab is never stepped down by the policy."""
         ...

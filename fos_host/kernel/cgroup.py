@@ -122,6 +122,33 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class MemoryUse:
+    """What a cgroup's memory holds, for judging how much room is left under its limit.
+
+    `current` counts page cache, much of which the kernel can drop; `inactive_file` is the part
+    it drops first. `working_set` (current - inactive_file, as cAdvisor and kubelet count it)
+    is what the cgroup needs to keep running. `limit` is the lower of memory.high and
+    memory.max (v1: memory.limit_in_bytes; its soft limit throttles nothing): where the kernel
+    starts to reclaim and throttle. None: unlimited.
+    """
+
+    current: int
+    inactive_file: int
+    limit: int | None
+
+    @property
+    def working_set(self) -> int:
+        return max(0, self.current - self.inactive_file)
+
+    @property
+    def available_share(self) -> float | None:
+        """The share of `limit` the working set leaves free (0..1); None without a limit."""
+        if self.limit is None:
+            return None
+        return min(1.0, max(0.0, (self.limit - self.working_set) / self.limit))
+
+
+@dataclass(frozen=True)
 class Stats:
     memory_current: int | None
     memory_peak: int | None
@@ -184,12 +211,14 @@ def format_size(n: int) -> str:
 
 @dataclass(frozen=True)
 class TierProfile:
-    """How a tab of one tier is treated: CPU weight, memory.high as a share of its limit."""
+    """How a tab of one tier is treated: CPU weight, memory.high as a share of its limit,
+    and the priority of the host's work for it (one of PRIORITIES; host/scheduler.py)."""
 
     name: str
     cpu_weight: int
     memory_high_ratio: float
     freeze: bool
+    priority: str = "background"
 
     def limits(self, memory_max: int | None) -> Limits:
         """The limits this tier sets for a tab whose memory limit is `memory_max`.
@@ -203,19 +232,33 @@ class TierProfile:
 
 
 _TIER_KEYS = ("cpu_weight", "memory_high_ratio", "freeze")
+_TIER_OPTIONAL = ("priority",)
+PRIORITIES = ("user-blocking", "user-visible", "background", "idle")
+"""The scheduler's priorities (host/scheduler.py `Priority`), highest first."""
 _TIER_NAME_RE = re.compile(r"[a-z][a-z0-9_-]*")
+
+
+def _load_toml(p: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read {what}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+
+
+def _share_value(p: Path, where: str, value: object) -> float:
+    """A number in (0, 1] from a profile file; ConfigError names file and key otherwise."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ConfigError(f"{p}: {where}: must be a number in (0, 1], not {value!r}")
+    return float(value)
 
 
 def load_tiers(path: Path | str | None = None) -> dict[str, TierProfile]:
     """Parse the tier profiles (default: cgroups/tiers.toml); ConfigError names file and key."""
     p = Path(path) if path is not None else data_dir("cgroups") / "tiers.toml"
-    try:
-        with open(p, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read tier profiles: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    data = _load_toml(p, "tier profiles")
     if not data:
         raise ConfigError(f"{p}: no tiers defined")
     tiers: dict[str, TierProfile] = {}
@@ -225,10 +268,9 @@ def load_tiers(path: Path | str | None = None) -> dict[str, TierProfile]:
         if not _TIER_NAME_RE.fullmatch(name):
             raise ConfigError(f"{p}: [{name}]: tier names are lowercase letters, digits, - and _")
         for key in table:
-            if key not in _TIER_KEYS:
-                raise ConfigError(
-                    f"{p}: [{name}] {key}: unknown key (known: {', '.join(_TIER_KEYS)})"
-                )
+            if key not in _TIER_KEYS + _TIER_OPTIONAL:
+                known = ", ".join(_TIER_KEYS + _TIER_OPTIONAL)
+                raise ConfigError(f"{p}: [{name}] {key}: unknown key (known: {known})")
         for key in _TIER_KEYS:
             if key not in table:
                 raise ConfigError(f"{p}: [{name}] {key}: missing")
@@ -237,14 +279,57 @@ def load_tiers(path: Path | str | None = None) -> dict[str, TierProfile]:
             raise ConfigError(
                 f"{p}: [{name}] cpu_weight: must be an integer 1..10000, not {weight!r}"
             )
-        if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0 < ratio <= 1:
-            raise ConfigError(
-                f"{p}: [{name}] memory_high_ratio: must be a number in (0, 1], not {ratio!r}"
-            )
+        ratio = _share_value(p, f"[{name}] memory_high_ratio", ratio)
         if not isinstance(freeze, bool):
             raise ConfigError(f"{p}: [{name}] freeze: must be true or false, not {freeze!r}")
-        tiers[name] = TierProfile(name, weight, float(ratio), freeze)
+        priority = table.get("priority", TierProfile.priority)
+        if priority not in PRIORITIES:
+            raise ConfigError(
+                f"{p}: [{name}] priority: must be one of {', '.join(PRIORITIES)}, not {priority!r}"
+            )
+        tiers[name] = TierProfile(name, weight, float(ratio), freeze, priority)
     return tiers
+
+
+# --------------------------------------------------------------------------------------
+# the renderers' budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory budget of the renderers' parent (the host directory every sandbox's cgroup
+    sits in), as shares of RAM so one file fits machines of any size (cgroups/budget.toml)."""
+
+    memory_share: float  # memory.max (v1 memory.limit_in_bytes) as a share of MemTotal
+    high_share: float  # memory.high (v1 memory.soft_limit_in_bytes) as a share of that
+
+    def limits(self, mem_total: int) -> Limits:
+        budget = max(1, int(mem_total * self.memory_share))
+        return Limits(memory_max=budget, memory_high=max(1, int(budget * self.high_share)))
+
+
+_BUDGET_KEYS = ("memory_share", "high_share")
+
+
+def load_budget(path: Path | str | None = None) -> Budget:
+    """Parse the budget (default: cgroups/budget.toml, table [renderers]); ConfigError names
+    file and key."""
+    p = Path(path) if path is not None else data_dir("cgroups") / "budget.toml"
+    data = _load_toml(p, "the budget")
+    for key in data:
+        if key != "renderers":
+            raise ConfigError(f"{p}: [{key}]: unknown table (known: [renderers])")
+    table = data.get("renderers")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{p}: [renderers]: missing (the renderers' parent's budget)")
+    for key in table:
+        if key not in _BUDGET_KEYS:
+            known = ", ".join(_BUDGET_KEYS)
+            raise ConfigError(f"{p}: [renderers] {key}: unknown key (known: {known})")
+    for key in _BUDGET_KEYS:
+        if key not in table:
+            raise ConfigError(f"{p}: [renderers] {key}: missing")
+    return Budget(*(_share_value(p, f"[renderers] {key}", table[key]) for key in _BUDGET_KEYS))
 
 
 # --------------------------------------------------------------------------------------
@@ -584,6 +669,16 @@ class Cgroup(abc.ABC):
     @abc.abstractmethod
     def pressure_path(self) -> Path | None: ...
 
+    @abc.abstractmethod
+    def memory_use(self) -> MemoryUse | None:
+        """Usage, inactive page cache and limit; None without a memory controller."""
+
+    def vmpressure_dir(self) -> Path | None:
+        """The v1 memory directory with `memory.pressure_level` (kernel/psi.py
+        `PressureLevelV1`), for where no PSI file exists; None on pure v2."""
+        d = self.dirs.get("memory")
+        return d if d is not None and (d / "memory.pressure_level").exists() else None
+
     def oom_killed(self) -> bool:
         return self.stats().oom_kills > 0
 
@@ -667,6 +762,28 @@ class V2Cgroup(Cgroup):
     def pressure_path(self) -> Path | None:
         path = self.dir / "memory.pressure"
         return path if path.exists() else None
+
+    def memory_use(self) -> MemoryUse | None:
+        return _memory_use(self, self.dir, "memory.current", ("memory.high", "memory.max"))
+
+
+def _memory_use(cg: Cgroup, d: Path, usage: str, limits: tuple[str, ...]) -> MemoryUse | None:
+    """memory.stat's inactive file pages ("total_inactive_file", counting descendants, on v1;
+    "inactive_file" on v2, which always counts them) beside `usage` and the lowest of `limits`."""
+    if not (d / usage).exists():
+        return None
+    try:
+        stat = _read_keyed(d / "memory.stat")
+        inactive = stat.get("total_inactive_file", stat.get("inactive_file", "0"))
+        set_limits = [v for v in (_int_or_none(d / f) for f in limits) if v is not None]
+        limit = min(set_limits, default=None)
+        return MemoryUse(
+            current=int(_read(d / usage)),
+            inactive_file=int(inactive),
+            limit=limit if limit is not None and limit < V1_UNLIMITED else None,
+        )
+    except OSError as e:
+        raise FosError(f"cgroup {cg._label()}: cannot read memory use in {d}: {e}") from e
 
 
 def _freeze_unified(cg: Cgroup, dir_: Path, frozen: bool, timeout: float) -> bool:
@@ -828,6 +945,12 @@ class V1Cgroup(Cgroup):
 
     def pressure_path(self) -> Path | None:
         return None
+
+    def memory_use(self) -> MemoryUse | None:
+        d = self.dirs.get("memory")
+        if d is None:
+            return None
+        return _memory_use(self, d, "memory.usage_in_bytes", ("memory.limit_in_bytes",))
 
 
 class HybridCgroup(V1Cgroup):
@@ -1167,6 +1290,14 @@ class HostCgroups(Closing):
                 reason = self.unavailable.get(ctrl, f"no {ctrl} controller")
                 raise ConfigError(f"cannot set {_WHAT[ctrl]}: {reason}; {DELEGATE_FIX}")
         return self._backend(name, {key: d / name for key, d in self.dirs.items()})
+
+    def as_cgroup(self) -> Cgroup:
+        """The host directory itself as a `Cgroup`: the renderers' parent, whose limits are
+        their shared budget (`Budget`) and whose pressure and usage are all of theirs together.
+        Its `kill`/`remove` would end every sandbox: `close()` is the way to do that."""
+        if self.closed:
+            raise FosError(f"host cgroups {self.name} are closed")
+        return self._backend(self.name, self.dirs)
 
     def _backend(self, name: str, dirs: dict[str, Path]) -> Cgroup:
         layout = self.system.layout

@@ -202,6 +202,11 @@ class Spawner:
     ) -> None:
         self.close()
 
+    @property
+    def cgroups(self) -> HostCgroups | None:
+        """The host's cgroup directories (None without cgroups: rootless, not delegated)."""
+        return self._cgroups
+
     def close(self) -> None:
         for sb in list(self._live.values()):
             sb.close()

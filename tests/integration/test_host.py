@@ -9,12 +9,11 @@ localStorage obeys commands, as an exploited renderer would.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import pytest
 from fdcheck import run
 from limits import needs_limits
 from PIL import Image, ImageChops
+from waiting import alive, until
 
 from fos_host.host.host import STORAGE_UID, Host, HostConfig, Tab, TabState
 from fos_host.host.sites import BadUrl
@@ -44,22 +44,6 @@ async def browser(profile: Path, sites: Sites | None = None, **config: Any) -> A
         c = HostConfig(profile, resolve=origin.resolve(), resolve_only=True, **config)
         async with Host(c) as host:
             yield host
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-async def until(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"not within {seconds:g} s: {what}")
 
 
 def ready(tab: Tab) -> Tab:
