@@ -29,12 +29,14 @@ lint: bootstrap
 	.venv/bin/ruff format --check
 	.venv/bin/mypy
 
-# Spawn latency and memory, IPC round trips and transfers, then open-tab latency and the memory
-# of 200 tabs, against peers measured in the same run.
+# Spawn latency and memory, IPC round trips and transfers, open-tab latency and the memory of
+# 200 tabs, then the tab lifecycle's steps and pressure onset to the first action, against
+# peers measured in the same run.
 bench: bootstrap
 	@$(PY) -m fos_host.cli bench spawn
 	@$(PY) -m fos_host.cli bench ipc
 	@$(PY) -m fos_host.cli bench tabs
+	@$(PY) -m fos_host.cli bench lifecycle
 
 bootstrap:
 	@scripts/bootstrap

@@ -655,8 +655,23 @@ def measure(runs: int) -> dict[str, Any]:
 # output
 
 
-def _fmt(v: object, spec: str = ".2f") -> str:
+def num(v: object, spec: str = ".2f") -> str:
+    """A figure for a table: `spec`-formatted, or "-" when there is none."""
     return format(v, spec) if isinstance(v, int | float) else "-"
+
+
+def goal_lines(report: dict[str, Any], goal_width: int, value_width: int) -> list[str]:
+    """The end of a report: each goal MET / NOT MET, and the figures that are missing."""
+    lines = ["", "goals:"]
+    for g in report["goals"]:
+        verdict = {True: "MET", False: "NOT MET", None: "UNKNOWN"}[g["met"]]
+        value = f"{num(g['value'])} {g['unit']}" if g["value"] is not None else "-"
+        lines.append(
+            f"  {g['goal']:<{goal_width}}{g['target']:>12}{value:>{value_width}}   {verdict}"
+        )
+    if report["failed"]:
+        lines += ["", f"FAILED (figures missing): {', '.join(report['failed'])}"]
+    return lines
 
 
 def render(report: dict[str, Any]) -> str:
@@ -684,7 +699,7 @@ def render(report: dict[str, Any]) -> str:
     lines += ["", f"{'idle memory (MiB, median)':<56}{'USS':>8}{'PSS':>8}{'n':>4}"]
     for e in report["memory"].values():
         uss, pss = e.get("uss_mib"), e.get("pss_mib")
-        row = f"{e['label']:<56}{_fmt(uss and uss['p50']):>8}{_fmt(pss and pss['p50']):>8}"
+        row = f"{e['label']:<56}{num(uss and uss['p50']):>8}{num(pss and pss['p50']):>8}"
         row += f"{e['n']:>4}"
         if e["failures"]:
             row += f"  ({e['failures']} failed, first: {e['error']})"
@@ -695,7 +710,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"peer p50 / {how} p50 (above 1: ours is faster): "
             + ", ".join(
-                f"{name} {_fmt(r[f'{key}_over_{ours}'])}x"
+                f"{name} {num(r[f'{key}_over_{ours}'])}x"
                 for key, name in (
                     ("bwrap", "bwrap"),
                     ("mp_forkserver", "forkserver"),
@@ -704,13 +719,7 @@ def render(report: dict[str, Any]) -> str:
                 )
             )
         )
-    lines += ["", "goals:"]
-    for g in report["goals"]:
-        verdict = {True: "MET", False: "NOT MET", None: "UNKNOWN"}[g["met"]]
-        value = f"{_fmt(g['value'])} {g['unit']}" if g["value"] is not None else "-"
-        lines.append(f"  {g['goal']:<32}{g['target']:>12}{value:>14}   {verdict}")
-    if report["failed"]:
-        lines += ["", f"FAILED (figures missing): {', '.join(report['failed'])}"]
+    lines += goal_lines(report, 32, 14)
     return "\n".join(lines)
 
 

@@ -57,8 +57,10 @@ from fos_host.bench import (
     Forkserver,
     Memory,
     failure_lines,
+    goal_lines,
     machine,
     machine_line,
+    num,
     python_idle_memory,
     smaps_rollup,
     summarize,
@@ -194,7 +196,7 @@ def _idle(host: Host) -> list[RendererProc]:
     return [p for p in host.renderers() if p.lock is None and p.ready_view is not None]
 
 
-async def _settle(host: Host, gone: RendererProc | None = None) -> None:
+async def settle(host: Host, gone: RendererProc | None = None) -> None:
     """Wait until the host is at rest: `gone` (a renderer released) has exited, the warm pool
     is full and the spare sandboxes are made (`Host.settle`)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -246,7 +248,7 @@ async def _session(
         gone: RendererProc | None = None
         counted = False  # the first open of a Host warms up
         while len(row.ms) < target and not row.broken:
-            await _settle(host, gone)
+            await settle(host, gone)
             gone = None
             if counted:
                 try:
@@ -318,7 +320,7 @@ async def _memory(
             else:
                 failures += 1
                 error = error or f"{url}: {tab.state.value} {tab.reason}".rstrip()
-        await _settle(host)
+        await settle(host)
         shown: dict[int, list[int | None]] = {}  # renderer pid -> its tabs' memory figures
         for info in host.infos():
             if info.pid is not None and info.state == TabState.READY.value:
@@ -461,10 +463,6 @@ def _goals(report: dict[str, Any]) -> dict[str, Any]:
 # output
 
 
-def _num(v: object, spec: str = ".2f") -> str:
-    return format(v, spec) if isinstance(v, int | float) else "-"
-
-
 def render(report: dict[str, Any]) -> str:
     m, t = report["machine"], report["tabs"]
     lines = [
@@ -484,21 +482,21 @@ def render(report: dict[str, Any]) -> str:
         loaded = e.get("loaded_ms")
         lines.append(
             f"{e['label']:<46}{ms['p50']:>8.2f}{ms['p90']:>8.2f}{ms['min']:>8.2f}"
-            f"{ms['max']:>8.2f}{e['n']:>5}{_num(loaded and loaded['p50']):>12}"
+            f"{ms['max']:>8.2f}{e['n']:>5}{num(loaded and loaded['p50']):>12}"
         )
     lines += failure_lines(report["open"].values(), "samples")
     r = report["ratios"]
     lines += [
         "forkserver p50 / ours (above 1: ours is faster): "
-        + ", ".join(f"{s.key} {_num(r[f'{PEER}_over_{s.key}'])}x" for s in SETUPS),
+        + ", ".join(f"{s.key} {num(r[f'{PEER}_over_{s.key}'])}x" for s in SETUPS),
         "",
         f"{'memory per renderer (MiB)':<52}{'USS p50':>9}{'USS p90':>9}{'PSS p50':>9}{'n':>5}",
     ]
     for e in report["memory"].values():
         uss, pss = e.get("uss_mib"), e.get("pss_mib")
         row = (
-            f"{e['label']:<52}{_num(uss and uss['p50']):>9}{_num(uss and uss['p90']):>9}"
-            f"{_num(pss and pss['p50']):>9}{e['n']:>5}"
+            f"{e['label']:<52}{num(uss and uss['p50']):>9}{num(uss and uss['p90']):>9}"
+            f"{num(pss and pss['p50']):>9}{e['n']:>5}"
         )
         if e["failures"]:
             row += f"  ({e['failures']} failed, first: {e['error']})"
@@ -507,25 +505,19 @@ def render(report: dict[str, Any]) -> str:
     cg = t["cgroup_memory_mib"]
     lines += [
         f"{'Chromium renderer, published median (not measured)':<52}{f'{low}-{high} MB':>9}",
-        f"python idle USS / ours: idle renderer {_num(r['python_idle_over_renderer_idle_uss'])}x"
-        f", renderer with a page {_num(r['python_idle_over_renderer_page_uss'])}x",
+        f"python idle USS / ours: idle renderer {num(r['python_idle_over_renderer_idle_uss'])}x"
+        f", renderer with a page {num(r['python_idle_over_renderer_page_uss'])}x",
         "",
         f"{t['loaded']} of {t['tabs']} tabs loaded, in {t['renderers']} renderers (process "
-        f"limit {t['process_limit']}): total PSS of those renderers {_num(t['total_pss_mib'])} "
-        f"MiB, {_num(t['pss_per_tab_mib'])} MiB per tab",
-        f"cgroup memory per renderer showing pages: p50 {_num(cg and cg['p50'])} MiB, p90 "
-        f"{_num(cg and cg['p90'])} MiB",
+        f"limit {t['process_limit']}): total PSS of those renderers {num(t['total_pss_mib'])} "
+        f"MiB, {num(t['pss_per_tab_mib'])} MiB per tab",
+        f"cgroup memory per renderer showing pages: p50 {num(cg and cg['p50'])} MiB, p90 "
+        f"{num(cg and cg['p90'])} MiB",
         textwrap.fill(t["cgroup_memory_is"], 100, initial_indent="  ", subsequent_indent="  "),
     ]
     if t["failures"]:
         lines.append(f"tabs that did not load: {t['failures']}, first: {t['error']}")
-    lines += ["", "goals:"]
-    for g in report["goals"]:
-        verdict = {True: "MET", False: "NOT MET", None: "UNKNOWN"}[g["met"]]
-        value = f"{_num(g['value'])} {g['unit']}" if g["value"] is not None else "-"
-        lines.append(f"  {g['goal']:<36}{g['target']:>12}{value:>12}   {verdict}")
-    if report["failed"]:
-        lines += ["", f"FAILED (figures missing): {', '.join(report['failed'])}"]
+    lines += goal_lines(report, 36, 12)
     return "\n".join(lines)
 
 

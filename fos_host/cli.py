@@ -8,8 +8,11 @@
     fos-host bench spawn [--json]            spawn latency and memory against peers
     fos-host bench ipc [--json]              IPC round trips and transfers against peers
     fos-host bench tabs [--json]             open-tab latency and memory of 200 tabs
+    fos-host bench lifecycle [--json]        freeze, hibernate, restore; pressure to action
     fos-host run [--socket PATH] [options]   the daemon: a host and its control socket
     fos-host ctl [--json] open URL | list …  control a running host
+    fos-host ctl events [--no-follow]        its lifecycle events, as JSON lines
+    fos-host top [--once] [--json]           its tabs, tiers, memory and pressure, live
 
 Every error is one line on stderr; bad flags, policies and missing kernel features exit 2.
 """
@@ -107,21 +110,27 @@ def _parser() -> argparse.ArgumentParser:
         "  fos-host bench spawn --runs 200\n"
         "  fos-host bench ipc --json     # ~20 s; one JSON object\n"
         "  fos-host bench ipc --quick    # a few calls, to see it works\n"
-        "  fos-host bench tabs --quick   # a few opens and 20 tabs, in seconds",
+        "  fos-host bench tabs --quick   # a few opens and 20 tabs, in seconds\n"
+        "  fos-host bench lifecycle --quick   # one sample of each page, one onset",
     )
-    bench.add_argument("what", choices=("spawn", "ipc", "tabs"))
+    bench.add_argument("what", choices=("spawn", "ipc", "tabs", "lifecycle"))
     bench.add_argument("--json", action="store_true")
     bench.add_argument(
         "--runs",
         type=int,
         help="spawn: runs per method; ipc: calls per method, size and placement in each round; "
-        "tabs: counted opens per setup",
+        "tabs: counted opens per setup; lifecycle: samples per page",
     )
     bench.add_argument(
         "--rounds", type=int, help="ipc, tabs: rounds, the methods interleaved in each"
     )
     bench.add_argument(
-        "--quick", action="store_true", help="ipc, tabs: a few samples, to see it works"
+        "--quick",
+        action="store_true",
+        help="ipc, tabs, lifecycle: a few samples, to see it works",
+    )
+    bench.add_argument(
+        "--onsets", type=int, help="lifecycle: pressure onsets (a hog started each time)"
     )
     _add_host_commands(sub)
     return p
@@ -225,6 +234,14 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.onsets is not None and a.what != "lifecycle":
+        raise ConfigError("--onsets is an option of bench lifecycle")
+    if a.what == "lifecycle":
+        if a.rounds is not None:
+            raise ConfigError("--rounds is an option of bench ipc and bench tabs")
+        from fos_host.bench_lifecycle import run_lifecycle_bench
+
+        return run_lifecycle_bench(runs=a.runs, onsets=a.onsets, quick=a.quick, as_json=a.json)
     if a.what == "ipc":
         from fos_host.bench_ipc import run_ipc_bench
 
@@ -234,7 +251,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
         return run_tabs_bench(runs=a.runs, rounds=a.rounds, quick=a.quick, as_json=a.json)
     if a.rounds is not None or a.quick:
-        raise ConfigError("--rounds and --quick are options of bench ipc and bench tabs")
+        raise ConfigError("--rounds and --quick are not options of bench spawn")
     from fos_host.bench import run_spawn_bench
 
     return run_spawn_bench(runs=200 if a.runs is None else a.runs, as_json=a.json)
@@ -252,11 +269,19 @@ _CTL_ACTIONS = (  # name, positional arguments, help, example
     ("reload", ("tab",), "load a tab again (a crashed one gets a new renderer)", "reload 1"),
     ("activate", ("tab",), "bring a tab to the front", "activate 2"),
     ("close", ("tab",), "close a tab", "close 2"),
-    ("list", (), "every tab: state, site, renderer pid and uid, memory", "list --json"),
-    ("status", (), "the host's pid and counts: tabs, renderers, bad messages", "status"),
+    ("list", (), "every tab: state, tier, site, renderer pid and uid, memory", "list --json"),
+    ("status", (), "the host's pid, counts and memory pressure level", "status"),
     ("screenshot", ("tab",), "what a tab shows, as PNG", "screenshot 1 -o tab1.png"),
     ("snapshot", ("tab",), "a tab's page state, from its renderer", "snapshot 1 > tab1.snap"),
-)
+    ("freeze", ("tab",), "freeze a tab's renderer (no CPU until it is activated)", "freeze 2"),
+    ("hibernate", ("tab",), "snapshot a tab's renderer into memory and end it", "hibernate 2"),
+    ("discard", ("tab",), "hibernate a tab and move its snapshot to disk", "discard 2"),
+    ("kill", ("tab",), "end a tab's renderer without a snapshot (it reloads)", "kill 2"),
+    ("pin", ("tab",), "keep a tab from being stepped down under pressure", "pin 1"),
+    ("events", (), "lifecycle events as JSON lines, then new ones until Ctrl-C",
+     "events --no-follow | jq .action"),
+)  # fmt: skip
+_STEPS = ("freeze", "hibernate", "discard", "kill")  # Control.step's actions
 
 
 def _add_host_commands(sub: Any) -> None:
@@ -342,6 +367,37 @@ def _add_host_commands(sub: Any) -> None:
                 metavar="FILE",
                 help="write it here (default: stdout, when that is not a terminal)",
             )
+        if name == "pin":
+            act.add_argument("--off", action="store_true", help="unpin it instead")
+        if name == "events":
+            act.add_argument(
+                "--follow",
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help="after the kept events, wait for new ones (default); --no-follow: exit",
+            )
+
+    top = sub.add_parser(
+        "top",
+        help="a running host's tabs, tiers, memory, pressure level and events, live",
+        description="Show a running host's tabs (tier, state, renderer pid, memory used /\n"
+        "limit) under a line with the memory pressure level and its source, the tabs per\n"
+        "tier, renderers, bad messages and crashes; below, the last lifecycle events.\n"
+        "Redrawn every --interval seconds until Ctrl-C; printed once as plain text when\n"
+        "stdout is not a terminal.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fos-host top                  # live; Ctrl-C quits\n"
+        "  fos-host top --once           # one table\n"
+        "  fos-host top --json | jq .pressure.level",
+    )
+    top.add_argument("--socket", type=Path, metavar="PATH", help=_SOCKET_HELP)
+    top.add_argument("--interval", type=float, default=1.0, metavar="S",
+                     help="seconds between redraws (default 1)")  # fmt: skip
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument(
+        "--json", action="store_true", help="print status, pressure, tabs and events as JSON"
+    )
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -412,6 +468,10 @@ def _cmd_ctl(a: argparse.Namespace) -> int:
         if out is None and sys.stdout.isatty():
             raise ConfigError(f"ctl {a.action}: stdout is a terminal; give -o FILE or redirect it")
     path = getattr(a, "socket", None) or default_socket_path()
+    if a.action == "events":
+        from fos_host.top import print_events
+
+        return print_events(path, a.follow)
 
     async def call() -> Any:
         async with connect(path) as control:
@@ -421,6 +481,10 @@ def _cmd_ctl(a: argparse.Namespace) -> int:
                 return await control.navigate(a.tab, a.url)
             if a.action in ("reload", "activate", "close", "screenshot", "snapshot"):
                 return await getattr(control, a.action)(a.tab)
+            if a.action in _STEPS:
+                return await control.step(a.tab, a.action)
+            if a.action == "pin":
+                return await control.pin(a.tab, not a.off)
             if a.action == "list":
                 return await control.list()
             return await control.status()
@@ -444,10 +508,18 @@ def _cmd_ctl(a: argparse.Namespace) -> int:
     elif a.action == "status":
         s = result
         print(f"fos-host pid {s.pid}: {s.tabs} tabs, {s.renderers} renderer processes, "
-              f"{s.bad_messages} bad messages, {s.crashes} crashes")  # fmt: skip
+              f"{s.bad_messages} bad messages, {s.crashes} crashes, memory pressure "
+              f"{s.level}")  # fmt: skip
     else:
         print(_tab_table(result if isinstance(result, list) else [result]))
     return 0
+
+
+def _cmd_top(a: argparse.Namespace) -> int:
+    from fos_host.host.control import default_socket_path
+    from fos_host.top import run_top
+
+    return run_top(a.socket or default_socket_path(), a.interval, a.once, a.json)
 
 
 def _plain(value: Any) -> Any:
@@ -465,20 +537,20 @@ def _tab_table(tabs: list[Any]) -> str:
 
     if not tabs:
         return "no tabs (open one with: fos-host ctl open URL)"
-    rows = [("TAB", "STATE", "SITE", "PID", "UID", "MEMORY", "TITLE / URL")]
+    rows = [("TAB", "STATE", "TIER", "SITE", "PID", "UID", "MEMORY", "TITLE / URL")]
     for t in tabs:
         memory = ""
         if t.memory is not None:
             limit = f" / {format_size(t.memory_limit)}" if t.memory_limit else ""
             memory = format_size(t.memory) + limit
-        rows.append((f"{t.id}{'*' if t.active else ''}", t.state, t.site or "-",
+        rows.append((f"{t.id}{'*' if t.active else ''}", t.state, t.tier, t.site or "-",
                      str(t.pid or "-"), str(t.host_uid or "-"), memory or "-",
                      f"{t.title} <{t.url}>" if t.title else t.url))  # fmt: skip
         if t.reason:
-            rows.append(("", "", "", "", "", "", f"  {t.reason}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+            rows.append(("", "", "", "", "", "", "", f"  {t.reason}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(7)]
     return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
+        "  ".join(c.ljust(w) for c, w in zip(r[:7], widths, strict=True)) + "  " + r[7]
         for r in rows
     ).rstrip()
 
@@ -491,6 +563,7 @@ COMMANDS = {
     "bench": _cmd_bench,
     "run": _cmd_run,
     "ctl": _cmd_ctl,
+    "top": _cmd_top,
 }
 
 

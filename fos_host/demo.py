@@ -21,19 +21,15 @@ import asyncio
 import contextlib
 import itertools
 import signal
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-from rich.table import Table
 from rich.text import Text
 
 from fos_host.errors import ConfigError, FosError
@@ -41,6 +37,7 @@ from fos_host.host.host import Host, HostConfig, TabState
 from fos_host.interfaces.control import TabView
 from fos_host.kernel.cgroup import format_size
 from fos_host.services.origin import OriginServer
+from fos_host.tables import Row, fitted_table, memory_text, number_text, state_text, stdout_console
 
 # What the tabs show, in order; `--tabs N` takes the first N (and starts over past the end).
 # The first twelve cover what site isolation has to get right.
@@ -64,10 +61,8 @@ DEFAULT_TABS = 12
 MAX_TABS = 100  # each tab is a renderer process of up to 64 MiB: a ceiling against typos
 REDRAW = 0.5  # seconds between redraws of the live table
 SETTLE = 30.0  # --once: seconds for every tab to finish loading, redirects included
-PLAIN_WIDTH = 200  # columns of the plain-text table (a pipe has no width of its own)
 COLUMNS = ("tab", "title", "url", "site", "pid", "host uid", "memory", "state")
 NUMERIC_COLUMNS = frozenset({"tab", "pid", "host uid"})
-STATE_STYLES = {"ready": "green", "loading": "yellow", "failed": "red", "crashed": "bold red"}
 
 
 @dataclass(frozen=True)
@@ -110,9 +105,7 @@ def run_demo(tabs: int | None = None, once: bool = False) -> int:
     tabs = DEFAULT_TABS if tabs is None else tabs
     if not 1 <= tabs <= MAX_TABS:
         raise ConfigError(f"--tabs wants 1 to {MAX_TABS} tabs, not {tabs}")
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=PLAIN_WIDTH)
+    console = stdout_console()
     urls = list(itertools.islice(itertools.cycle(PAGES), tabs))
     return asyncio.run(_Demo(urls, console, live=console.is_terminal and not once).run())
 
@@ -235,42 +228,29 @@ class _Demo:
 
     def _view(self, host: Host) -> Group:
         """The table of tabs and the totals below it. A terminal too narrow for every column
-        loses the titles first (rich would squeeze every column into ellipses instead)."""
+        loses the titles first."""
         infos = sorted(host.infos(), key=lambda i: i.id)
         totals = Totals.of(host, infos)
         rows = [self._row(i) for i in infos]
-        table = _table(rows, COLUMNS, self.plain)
-        unbounded = self.console.options.update_width(sys.maxsize)  # the width it wants
-        if self.console.measure(table, options=unbounded).maximum > self.console.width:
-            table = _table(rows, [c for c in COLUMNS if c != "title"], self.plain)
+        table = fitted_table(self.console, rows, COLUMNS, NUMERIC_COLUMNS, drop="title")
         lines: list[RenderableType] = [table, Text(f"{totals}   (* the active tab)")]
         if self.live:
             lines.append(Text("Ctrl-C stops the demo and shuts everything down", style="dim"))
         return Group(*lines)
 
-    def _row(self, i: TabView) -> dict[str, str | Text]:
+    def _row(self, i: TabView) -> Row:
         """One tab's cells by column. A redirected tab shows where it started: after its URL
         in plain text, below it on a terminal (which keeps the column narrow)."""
-        state = f"{i.state}: {i.reason}" if i.reason else i.state
         return {
             "tab": f"*{i.id}" if i.active else str(i.id),
             "title": i.title,
             "url": _url_text(i.url, self.opened.get(i.id, i.url), " " if self.plain else "\n"),
             "site": i.site,
-            "pid": _text(i.pid),
-            "host uid": _text(i.host_uid),
-            "memory": _memory(i),
-            "state": Text(state, style="" if self.plain else STATE_STYLES.get(i.state, "")),
+            "pid": number_text(i.pid),
+            "host uid": number_text(i.host_uid),
+            "memory": memory_text(i),
+            "state": state_text(i, self.plain),
         }
-
-
-def _table(rows: list[dict[str, str | Text]], columns: Sequence[str], plain: bool) -> Table:
-    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAVY, header_style="bold")
-    for name in columns:
-        table.add_column(name, justify="right" if name in NUMERIC_COLUMNS else "left")
-    for row in rows:
-        table.add_row(*(row[name] for name in columns))
-    return table
 
 
 class _Progress:
@@ -318,14 +298,3 @@ def _url_text(url: str, opened: str, sep: str) -> str:
         return url
     a, b = urlsplit(url), urlsplit(opened)
     return f"{url}{sep}← {b.path if (a.scheme, a.netloc) == (b.scheme, b.netloc) else opened}"
-
-
-def _text(n: int | None) -> str:
-    return "" if n is None else str(n)
-
-
-def _memory(i: TabView) -> str:
-    if i.memory is None:
-        return ""
-    limit = "no limit" if i.memory_limit is None else format_size(i.memory_limit)
-    return f"{format_size(i.memory)} / {limit}"

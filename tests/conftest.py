@@ -1,10 +1,14 @@
 """Shared fixtures: every test leaves no cgroup and no child process behind; `targets` on the
-host for the sandbox attacks."""
+host for the sandbox attacks; `origin`, the demo sites for a daemon (tests/daemon.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import shutil
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +16,10 @@ import pytest
 from attacks import host_targets
 from fdcheck import open_fds
 
+from fos_host.bench_hog import MEMORY_FILESYSTEMS, fstype, write_file
 from fos_host.kernel import proc
 from fos_host.kernel.cgroup import home_path
+from fos_host.services.origin import OriginServer
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -100,3 +106,38 @@ def no_fd_leak() -> Iterator[None]:
     yield
     left = open_fds() - before
     assert not left, {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in left}
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[dict[str, str]]:
+    """The demo sites on loopback; the resolve map that sends their names there."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="origin", daemon=True)
+    thread.start()
+    server = OriginServer()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
+        yield server.resolve()
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 64 MiB file on a disk for the memory hog to thrash (fos_host/bench_hog.py): a file
+    in memory (tmpfs) cannot be reclaimed without swap. Where the temporary directory is in
+    memory (the VM's /tmp), $FOS_DISK_TMP names a directory on a disk."""
+    d = tmp_path_factory.mktemp("pressure")
+    made = None
+    if fstype(d) in MEMORY_FILESYSTEMS and os.environ.get("FOS_DISK_TMP"):
+        d = made = Path(tempfile.mkdtemp(prefix="fos-pressure-", dir=os.environ["FOS_DISK_TMP"]))
+    if fstype(d) in MEMORY_FILESYSTEMS:
+        pytest.skip(f"{d} is on {fstype(d)}: the hog needs a file on a disk to thrash")
+    try:
+        yield write_file(d / "big")
+    finally:
+        if made is not None:
+            shutil.rmtree(made)

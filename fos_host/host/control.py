@@ -21,6 +21,7 @@ live host, and starting is refused with its pid. A clean shutdown removes the fi
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import errno
 import logging
@@ -41,6 +42,7 @@ from fos_host.interfaces.control import (
     Event,
     Failed,
     NoSuchTab,
+    Pressure,
     Status,
     TabView,
 )
@@ -156,7 +158,17 @@ class ControlService:
     def status(self) -> Status:
         host = self._host
         return Status(os.getpid(), len(host.tabs), len(host.renderers()), host.bad_messages,
-                      host.crashes)  # fmt: skip
+                      host.crashes, host.level().value)  # fmt: skip
+
+    def pressure(self) -> Pressure:
+        monitor = self._host.monitor
+        if monitor is None:
+            return Pressure(self._host.level().value, "", self._host.monitor_error)
+        return Pressure(monitor.level.value, monitor.source, monitor.describe())
+
+    def recent_events(self, last: int) -> builtins.list[Event]:  # not the method `list`
+        kept = list(self._host.events)
+        return kept[-last:] if last > 0 else kept
 
 
 @contextlib.contextmanager

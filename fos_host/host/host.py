@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import enum
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -50,6 +51,7 @@ from urllib.parse import urlsplit
 from fos_host.errors import FosError
 from fos_host.host.lifecycle import Action, Policy, TabFacts, Tier, decide
 from fos_host.host.pressure import Change, Level, PressureConfig, PressureMonitor
+from fos_host.host.scheduler import Priority, Scheduler
 from fos_host.host.sites import (
     BadUrl,
     MiB,
@@ -84,7 +86,7 @@ from fos_host.interfaces.renderer import (
 from fos_host.ipc.channel import Channel, ChannelClosed
 from fos_host.ipc.interface import CallTimeout, Endpoint, Interface, RemoteError
 from fos_host.ipc.wire import Memfd, Socket
-from fos_host.kernel.cgroup import Budget, load_budget, load_tiers
+from fos_host.kernel.cgroup import Budget, HostCgroups, load_budget, load_tiers
 from fos_host.renderer.paint import frame_size, to_png
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import UID_BASE, UID_COUNT, ExitStatus, Sandbox, Spawner
@@ -251,8 +253,10 @@ class Host:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self.tiers = load_tiers()
+        self.scheduler = Scheduler()  # the host's own work: lifecycle steps, store upkeep
         self.store = TieredStore(Path(config.profile) / "snapshots", config.store)
         self.monitor: PressureMonitor | None = None
+        self.monitor_error = "not started"  # why there is no monitor, when there is none
         self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)
         self._subscribers: set[asyncio.Queue[Event]] = set()
         self._wake = asyncio.Event()
@@ -304,6 +308,7 @@ class Host:
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
+        await self.scheduler.close()
         if self._spawner is not None:
             await self._run(self._spawner.close)  # kills, reaps and removes what is left
             self._spawner = None
@@ -418,6 +423,8 @@ class Host:
 
     def _exited(self, proc: RendererProc) -> None:
         self._unwatch(proc)
+        if self.monitor is not None and proc.sandbox.cgroup is not None:
+            self.monitor.unwatch(proc.sandbox.cgroup)
         status = proc.sandbox.poll()
         assert status is not None  # the pidfd is readable once it exited
         proc.status = status
@@ -502,6 +509,8 @@ class Host:
         else:  # after this open: the refill's spawn competes with it for the GIL
             asyncio.get_running_loop().call_soon(self._background, self.fill_warm_pool())
         proc.rid, proc.lock = rid, lock
+        if self.monitor is not None and proc.sandbox.cgroup is not None:
+            self.monitor.watch(proc.sandbox.cgroup)  # a tab's own stall counts too
         log.info("renderer pid=%d uid=%d locked to %s", proc.pid, proc.sandbox.host_uid, lock.site)
         return proc
 
@@ -734,6 +743,8 @@ class Host:
             site=_site_text(tab.url),
             active=tab.active,
             tier=tab.tier.value,
+            pinned=tab.pinned,
+            unsaved=tab.unsaved,
             renderer=proc.rid if proc else None,
             pid=proc.pid if proc else None,
             host_uid=proc.sandbox.host_uid if proc else None,
@@ -754,9 +765,10 @@ class Host:
         """Give the renderers' parent (the host's cgroup) its budget and listen to its
         memory pressure (host/pressure.py). Without cgroups there is no monitor: tabs still
         freeze when idle, and step down when asked."""
-        cgroups = self._spawner.cgroups if self._spawner is not None else None
+        cgroups = self.cgroups
         if cgroups is None:
-            log.warning("no cgroups of our own: no memory pressure monitor")
+            self.monitor_error = "no memory pressure monitor: the host has no cgroups of its own"
+            log.warning("%s", self.monitor_error)
             return
         parent = cgroups.as_cgroup()
         budget = self.config.budget or load_budget()
@@ -766,16 +778,23 @@ class Host:
             monitor.start()
         except FosError as e:
             monitor.close()
-            log.warning("no memory pressure monitor: %s", e)
+            self.monitor_error = f"no memory pressure monitor: {e}"
+            log.warning("%s", self.monitor_error)
             return
         monitor.subscribe(self._on_level)
-        self.monitor = monitor
+        self.monitor, self.monitor_error = monitor, ""
         log.info("%s", monitor.describe())
 
     def _on_level(self, change: Change) -> None:
         self._event(None, "level", f"{change.previous.value} -> {change.level.value}: "
                     f"{change.reason}", time.monotonic())  # fmt: skip
         self._wake.set()
+
+    @property
+    def cgroups(self) -> HostCgroups | None:
+        """The host's cgroup directories: the renderers' parent (`as_cgroup()`), below which
+        every sandbox's cgroup is made. None without cgroups (rootless, not delegated)."""
+        return self._spawner.cgroups if self._spawner is not None else None
 
     def level(self) -> Level:
         """The memory pressure level now (NONE without a monitor)."""
@@ -806,8 +825,13 @@ class Host:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), LIFECYCLE_TICK)
                 continue
+            name = f"{decision.action.value} tab {decision.tab}"
             try:
-                await self.step(decision.tab, decision.action, decision.why)
+                await self.scheduler.submit(
+                    Priority.BACKGROUND,
+                    functools.partial(self.step, decision.tab, decision.action, decision.why),
+                    name,
+                )
             except (FosError, KeyError) as e:
                 log.warning("tab %d: %s failed: %s", decision.tab, decision.action.value, e)
                 await asyncio.sleep(self.config.action_gap)  # not the same failure at once
@@ -845,8 +869,12 @@ class Host:
             level=self.level().value,
         )
         self.events.append(event)
-        for queue in self._subscribers:
-            queue.put_nowait(event)
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:  # a reader that stopped reading: it is dropped
+                log.warning("an event subscriber fell %d events behind: dropped", EVENT_QUEUE)
+                self._subscribers.discard(queue)
         log.info("tab %s: %s (%s) in %.1f ms%s", event.tab, action, why, event.ms,
                  f", {freed} bytes freed" if freed is not None else "")  # fmt: skip
         return event
@@ -928,12 +956,17 @@ class Host:
             self._detach(t)
             t.tier = Tier.HIBERNATED
             self._release(self.model.close(t.id), at_once=True)
-        await self._rebalance()
+        self._rebalance()
         return freed
 
-    async def _rebalance(self) -> None:
-        """Keep the snapshot tiers within their budgets (host/tiered.py): what the store
-        moved to disk is discarded; what it evicted reloads from its URL when activated."""
+    def _rebalance(self) -> None:
+        """Soon, at idle priority: keep the snapshot tiers within their budgets."""
+        future = self.scheduler.submit(Priority.IDLE, self._rebalance_now, "rebalance snapshots")
+        future.add_done_callback(_log_failure)
+
+    async def _rebalance_now(self) -> None:
+        """What the store moved to disk is discarded; what it evicted reloads from its URL
+        when activated (host/tiered.py)."""
         moves = await asyncio.to_thread(self.store.rebalance)
         by_key = {t.key: t for t in self.tabs.values()}
         for key, tier in moves.demoted:
@@ -956,7 +989,7 @@ class Host:
         except SnapshotWriteError as e:  # it stays in memory: nothing is lost
             raise FosError(f"tab {tab.id} stays hibernated: {e}") from e
         tab.tier = Tier.DISCARDED
-        await self._rebalance()
+        self._rebalance()
 
     def _kill_tab(self, tab: Tab) -> int | None:
         """End the tab's renderer without a snapshot (a memory emergency): its tabs reload
@@ -1168,6 +1201,11 @@ class _Broker:
     async def storage_set(self, origin: str, key: str, value: bytes) -> None:
         site = self._site(origin)
         await self._storage(lambda s: s.set(site, key, value))
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("%s", future.exception())
 
 
 def _frame(width: int, height: int) -> int:

@@ -9,6 +9,7 @@ Screenshots and snapshots are plain `bytes`: big ones cross as sealed memfds by 
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ class TabView:
     site: str  # scheme://registrable-domain, "" for a URL without one
     active: bool
     tier: str  # active, background, frozen, hibernated, discarded
+    pinned: bool  # never stepped down by the policy
+    unsaved: bool  # holds input the user typed: never stepped down by the policy
     renderer: int | None  # the process model's renderer id, None without a renderer
     pid: int | None  # the renderer's pid (on the host)
     host_uid: int | None  # the renderer's unprivileged uid on the host
@@ -67,6 +70,16 @@ class Status:
     renderers: int  # running renderer processes, warm (unlocked) ones included
     bad_messages: int  # renderers killed for breaking the rules, since the host started
     crashes: int  # renderers that ended unasked (bad messages included)
+    level: str  # the memory pressure level: none, moderate, critical, emergency
+
+
+@dataclass
+class Pressure:
+    """The memory pressure level and how the host knows it (`fos-host top` shows it)."""
+
+    level: str  # none, moderate, critical, emergency
+    source: str  # how the renderers' cgroup is listened to: trigger, v1, polling; "" for none
+    detail: str  # the monitor's own account: every source and the last reading
 
 
 class Control(Interface, version=1):
@@ -120,7 +133,7 @@ class Control(Interface, version=1):
         ...
 
     @method(9)
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncIterator[Event]:  # no await: `async for e in control.events()`
         """The lifecycle events kept so far, then each new one as it happens."""
         ...
 
@@ -133,4 +146,15 @@ class Control(Interface, version=1):
     @method(11)
     async def pin(self, tab: int, pinned: bool) -> TabView:
         """Pin or unpin the tab: a pinned tab is never stepped down by the policy."""
+        ...
+
+    @method(12)
+    async def pressure(self) -> Pressure:
+        """The memory pressure level now, and where it comes from."""
+        ...
+
+    @method(13)
+    async def recent_events(self, last: int) -> builtins.list[Event]:  # not the method `list`
+        """The last `last` lifecycle events kept (all kept ones for 0): what `events` would
+        send first, without waiting for more."""
         ...

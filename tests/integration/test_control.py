@@ -10,131 +10,31 @@ services and zygote all die with it and whose cgroups the next start removes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import json
 import os
 import select
 import shutil
-import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from daemons import FOS, Daemon, ctl, ctl_json, daemon, failed
 
 from fos_host.kernel import proc
-from fos_host.services.origin import OriginServer
 from tests.conftest import fos_cgroups
 
-FOS = [sys.executable, "-m", "fos_host.cli"]
 ROOT = os.geteuid() == 0
 NOBODY = 65534
 PNG = b"\x89PNG\r\n\x1a\n"
 NEWS, SHOP, EXAMPLE = "http://news.fos.test/", "http://shop.fos.test/", "http://a.b.example.co.uk/"
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[dict[str, str]]:
-    """The demo sites on loopback; the resolve map that sends their names there."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="origin", daemon=True)
-    thread.start()
-    server = OriginServer()
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(10)
-        yield server.resolve()
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
-class Daemon:
-    """A `fos-host run` subprocess; its stderr goes to a file, read whenever asked."""
-
-    def __init__(self, sock: Path, tmp: Path, resolve: dict[str, str], *extra: str) -> None:
-        self.sock = sock
-        self.log = tmp / f"run-{time.monotonic_ns()}.err"
-        args = [f"--resolve={name}={addr}" for name, addr in resolve.items()]
-        with open(self.log, "w") as err:
-            self.proc = subprocess.Popen(
-                [*FOS, "run", "--socket", str(sock), "--profile", str(tmp / "profile"), *args,
-                 "--resolve-only", "--warm", "1", *extra],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-            )  # fmt: skip
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stderr(self) -> str:
-        return self.log.read_text()
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        line = f"fos-host: ready, control socket {self.sock}\n"
-        while line not in self.stderr():
-            assert self.proc.poll() is None, f"run exited {self.proc.returncode}: {self.stderr()}"
-            assert time.monotonic() < deadline, f"not ready in {timeout} s: {self.stderr()}"
-            time.sleep(0.05)
-
-    def stop(self) -> int:
-        """SIGTERM, as systemd stops it; the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        self.proc.wait(30)
-
-
-@contextlib.contextmanager
-def daemon(sock: Path, tmp: Path, resolve: dict[str, str], *extra: str) -> Iterator[Daemon]:
-    """A ready daemon, stopped cleanly at the end (its exit status checked)."""
-    d = Daemon(sock, tmp, resolve, *extra)
-    try:
-        d.wait_ready()
-        yield d
-        assert d.stop() == 0, d.stderr()
-        assert not sock.exists(), "a clean shutdown removes the socket"
-    finally:
-        if d.proc.poll() is None:
-            d.stop()
-
-
-def ctl(sock: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*FOS, "ctl", "--socket", str(sock), *args],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=90,
-    )  # fmt: skip
-
-
-def ctl_json(sock: Path, *args: str) -> Any:
-    r = ctl(sock, *args, "--json")
-    assert r.returncode == 0, r.stderr.decode()
-    return json.loads(r.stdout)
-
-
-def failed(r: subprocess.CompletedProcess[bytes]) -> str:
-    """The one line a failed command printed (it must have failed)."""
-    assert r.returncode != 0 and r.stdout == b"", r
-    lines = r.stderr.decode().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def descendants(pid: int) -> set[int]:

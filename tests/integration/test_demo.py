@@ -6,18 +6,12 @@ processes or cgroups: the tests here check those themselves.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
-import select
 import signal
-import struct
-import subprocess
-import termios
-import time
 from pathlib import Path
 
 import pytest
+from terminal import on_terminal, plain_env, read_until
 
 from fos_host.kernel import proc
 from tests.integration.test_cli import FOS, ROOT, cgroups_of, fos
@@ -30,14 +24,12 @@ SITES = {  # every host of the demo's origin server, and its site
     "evil.test": "http://evil.test",
 }
 COLUMNS = ["tab", "title", "url", "site", "pid", "host uid", "memory", "state"]
-RICH_ENV = ("FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "COLUMNS", "LINES")
 
 
 def demo_env(tmpdir: Path) -> dict[str, str]:
     """This environment without what would change rich's idea of the terminal, and with
     TMPDIR in `tmpdir` (the demo's temporary profile goes there: the test sees it removed)."""
-    env = {k: v for k, v in os.environ.items() if k not in RICH_ENV}
-    return {**env, "TMPDIR": str(tmpdir)}
+    return {**plain_env(), "TMPDIR": str(tmpdir)}
 
 
 def rows(table: str) -> list[dict[str, str]]:
@@ -95,39 +87,13 @@ def descendants(pid: int) -> set[tuple[int, int | None]]:
     return found
 
 
-def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
-    out = b""
-    deadline = time.monotonic() + timeout
-    while needle not in out and time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.1)[0]:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:  # EIO: every writer of the terminal is gone
-                break
-            if not chunk:
-                break
-            out += chunk
-    return out
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_on_the_live_table_shuts_everything_down(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     """On a terminal (a pty: rich draws the live table) until the signal; then exit 0 with a
     summary, leaving no process, cgroup or profile behind."""
-    terminal, side = pty.openpty()
-    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
-    demo = subprocess.Popen(
-        [*FOS, "demo"],
-        stdin=side,
-        stdout=side,
-        stderr=side,
-        env={**demo_env(tmp_path), "TERM": "xterm-256color"},
-        start_new_session=True,  # only the test signals it (not a Ctrl-C at the test runner)
-    )
-    os.close(side)
-    try:
+    with on_terminal([*FOS, "demo"], demo_env(tmp_path)) as (demo, terminal):
         shown = read_until(terminal, b"Ctrl-C stops the demo", timeout=60)
         assert b"Ctrl-C stops the demo" in shown, shown.decode(errors="replace")
         assert demo.poll() is None
@@ -137,11 +103,6 @@ def test_a_signal_on_the_live_table_shuts_everything_down(
         demo.send_signal(sig)
         rest = read_until(terminal, b"temporary profile are gone", timeout=10)
         assert demo.wait(timeout=10) == 0, rest.decode(errors="replace")
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        os.close(terminal)
     assert f"fos-host demo: {sig.name} after".encode() in rest
     assert b"closed 12 tabs" in rest
     alive = {(p, start) for p, start in kids if proc.starttime(p) == start}

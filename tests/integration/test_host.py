@@ -184,6 +184,9 @@ def test_an_out_of_memory_kill_is_reported_on_its_tab_only(tmp_path: Path) -> No
             hog = ready(await host.open(NEWS))
             other = ready(await host.open(A))
             other_pid = pid(other)
+            # in front: a background tab's memory.high (cgroups/tiers.toml) would throttle
+            # it below its limit instead (on cgroup v2), slowly, as it is meant to
+            await host.activate(hog.id)
             assert hog.page is not None
             with pytest.raises(ChannelClosed):
                 await hog.page.local_set("alloc", b"200")

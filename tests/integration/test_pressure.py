@@ -1,33 +1,27 @@
 """Memory pressure, really squeezed (kernel/psi.py, host/pressure.py): no mocks.
 
-The hog: a forked process in a cgroup with a tight limit that holds anonymous memory and
-reads a file on disk through a mapping, page after page, round and round. With no swap (this
-machine) anonymous memory cannot be reclaimed, so the limit leaves the file's pages too little
-room: they are reclaimed and read again (refaults), and the hog stalls on memory — what PSI
-and v1 vmpressure measure. The file must be on a disk (a tmpfs file is itself unreclaimable
-without swap). Every test measures onset (the hog's first pass begins) → signal and prints it
-(`-s`) and records it (junit property).
+The hog (fos_host/bench_hog.py): a forked process in a cgroup with a tight limit that holds
+anonymous memory and thrashes a file on disk through a mapping, and so stalls on memory — what
+PSI and v1 vmpressure measure. Every test measures onset (the hog's first pass begins) →
+signal and prints it (`-s`) and records it (junit property).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import mmap
 import os
-import signal
-import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from limits import needs_limits
 
+from fos_host.bench_hog import HELD, Hog, MiB
 from fos_host.errors import ConfigError
 from fos_host.host.pressure import Change, Level, PressureConfig, PressureMonitor
-from fos_host.kernel.cgroup import Budget, Cgroup, HostCgroups, Layout, Limits, detect, join
+from fos_host.kernel.cgroup import Budget, Cgroup, HostCgroups, Layout, Limits, detect
 from fos_host.kernel.psi import (
     SYSTEM_PRESSURE,
     WINDOWS,
@@ -38,107 +32,17 @@ from fos_host.kernel.psi import (
     mem_available,
 )
 
-MiB = 1 << 20
-FILE_SIZE = 64 * MiB
-LIMIT = 64 * MiB  # the hog's cgroup (or the parent's budget)
-HELD = 40 * MiB  # anonymous memory the hog keeps (as renderers do), leaving the file ~24 MiB
+LIMIT = 64 * MiB  # the hog's cgroup (or the parent's budget): leaves the file ~24 MiB
 ONSET_TIMEOUT = 20.0
 
 pytestmark = needs_limits
 Record = Callable[[str, object], None]
 
 
-def _fstype(path: Path) -> str:
-    """The filesystem type of the mount holding `path` (the longest mount point above it)."""
-    best, kind = "", ""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, point, fstype, *_ = line.split()
-            if (str(path) + "/").startswith(point.rstrip("/") + "/") and len(point) > len(best):
-                best, kind = point, fstype
-    return kind
-
-
-@pytest.fixture(scope="module")
-def big_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pressure")
-    if _fstype(d) in ("tmpfs", "ramfs"):
-        pytest.skip(f"{d} is on {_fstype(d)}: the hog needs a file on a disk to thrash")
-    path = d / "big"
-    with open(path, "wb") as f:
-        block = os.urandom(MiB)
-        for _ in range(FILE_SIZE // MiB):
-            f.write(block)
-        f.flush()
-        os.fsync(f.fileno())  # clean pages: the hog can drop them before it starts
-    return path
-
-
 @pytest.fixture
 def host() -> Iterator[HostCgroups]:
     with detect().open_host() as h:
         yield h
-
-
-class Hog:
-    """The thrashing process (see the module's docstring), in `cgroup`: it holds `held`
-    bytes of anonymous memory and reads `file` round and round, or without a file writes its
-    own memory round and round (thrashes swap where there is some). `onset` is when its first
-    pass began (monotonic clock, told through a pipe)."""
-
-    def __init__(self, cgroup: Cgroup, file: Path | None, held: int = HELD) -> None:
-        r, w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            os.close(r)
-            self._run(cgroup, file, held, w)
-        os.close(w)
-        try:
-            ready = os.read(r, 1)
-        finally:
-            os.close(r)
-        self.onset = time.monotonic()
-        if ready != b"!":
-            self.stop()
-            raise AssertionError("the hog died before it began")
-
-    @staticmethod
-    def _run(cgroup: Cgroup, file: Path | None, held: int, w: int) -> None:
-        code = 70
-        try:
-            join(cgroup.procs_files())
-            memory = bytearray(b"\x01") * held  # written: every page is touched and charged
-            if file is None:
-                pages, size = memory, held
-            else:
-                fd = os.open(file, os.O_RDONLY)
-                # Drop what is cached of the file, so every page is charged here when read.
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                pages, size = mmap.mmap(fd, FILE_SIZE, prot=mmap.PROT_READ), FILE_SIZE
-            os.write(w, b"!")
-            while True:
-                for offset in range(0, size, mmap.PAGESIZE):
-                    if file is None:
-                        memory[offset] ^= 1
-                    else:
-                        pages[offset]
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
-
-    def __enter__(self) -> Hog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _report(record: Record, name: str, seconds: float) -> None:

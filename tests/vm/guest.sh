@@ -45,10 +45,11 @@ fi
 ip link set lo up
 mount -t ext4 /dev/vdb /work
 cd /work/src || exit 1
-pytest="@PYTHON@ -m pytest -q -p no:cacheprovider -o addopts= -m 'not slow' -ra --color=no"
+pytest="FOS_DISK_TMP=/work/tmp @PYTHON@ -m pytest -q -p no:cacheprovider -o addopts= -m 'not slow' -ra --color=no"
 doctor="@PYTHON@ -m fos_host.cli doctor --json"
 
 mkdir -p /work/results && chmod 1777 /work/results  # junit XML per run, read by the harness
+mkdir -p /work/tmp && chmod 1777 /work/tmp  # a disk (/tmp is in memory): FOS_DISK_TMP
 echo "FOS-VM: the selection as root"
 sh -c "$pytest --junitxml=/work/results/$layout-root.xml $(cat /work/selection)"
 rc=$?

@@ -307,7 +307,7 @@ def make_work_disk(selection: list[str], run_dir: Path) -> Path:
                            prependdir="/work")  # fmt: skip
     (run_dir / "work/selection").write_text(" ".join(selection) + "\n")
     image = run_dir / "work.img"
-    make_image(run_dir / "work", image, "foswork", 64)
+    make_image(run_dir / "work", image, "foswork", 256)  # room for the memory hog's files
     return image
 
 
