@@ -110,6 +110,7 @@ NETWORK_FILES = (
 MAX_MOVES = 5  # cross-site redirects in a row before a navigation fails
 SHUTDOWN_GRACE = 1.0  # seconds a released renderer has to exit by itself
 LIFECYCLE_TICK = 1.0  # seconds between looks at the tabs when nothing wakes the policy
+SPAWNS_KEPT = 1000  # renderer start times kept (seconds, to ready) for the metrics
 EVENTS_KEPT = 1000  # lifecycle events kept for `ctl events`
 EVENT_QUEUE = 1000  # events a slow subscriber may fall behind by
 
@@ -242,6 +243,8 @@ class Host:
         self.tabs: dict[int, Tab] = {}
         self.bad_messages = 0
         self.crashes = 0
+        self.oom_kills = 0  # renderers ended by the kernel's OOM killer in their cgroup
+        self.spawn_seconds: deque[float] = deque(maxlen=SPAWNS_KEPT)  # renderer starts
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="fos-spawn")
         self._spawner: Spawner | None = None
         self._renderers: dict[int, asyncio.Future[RendererProc]] = {}  # rid -> locked renderer
@@ -371,6 +374,7 @@ class Host:
         """A new renderer, with its first view's channel and frame passed at spawn (fds 4
         and 5), so that it is ready as soon as both channels said HELLO."""
         c = self.config
+        started = time.monotonic()
         w, h = c.viewport
         view_mine, view_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -404,6 +408,7 @@ class Host:
             frame.close()
             self._kill(proc)
             raise FosError(f"renderer pid={proc.pid} did not start: {e}") from e
+        self.spawn_seconds.append(time.monotonic() - started)
         log.debug("renderer pid=%d uid=%d started", sandbox.pid, sandbox.host_uid)
         return proc
 
@@ -435,6 +440,8 @@ class Host:
         reason = f"killed: bad message: {proc.killed_for}" if proc.killed_for else None
         if reason is None and not proc.released:
             reason = f"crashed: {status.describe()}"
+        if status.oom_kills and status.signal is not None:
+            self.oom_kills += 1
         if reason is not None:
             self.crashes += 1
             log.warning(
