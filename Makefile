@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: demo test test-vm vm-artefacts lint bench clean bootstrap
+.PHONY: demo test test-vm vm-artefacts lint bench binary image clean bootstrap
 
 # The main job: a dozen tabs on a built-in origin server, each in a sandboxed renderer, as a live
 # table until Ctrl-C (fos_host/demo.py); `fos-host demo --sandbox-report` is the isolation report.
@@ -37,6 +37,16 @@ bench: bootstrap
 	@$(PY) -m fos_host.cli bench ipc
 	@$(PY) -m fos_host.cli bench tabs
 	@$(PY) -m fos_host.cli bench lifecycle
+
+# build/fos-host: fos-host as one executable file (a shiv zipapp) for any machine with Python
+# 3.11+, libseccomp2 and libcap2; rebuilt only when an input changed (packaging/binary/build.py).
+binary: bootstrap
+	@$(PY) packaging/binary/build.py
+
+# The OCI image (Debian bookworm + fos-host) as build/image/<key>/fos-host.oci.tar, cached by a
+# hash of its inputs (packaging/container/build.py; how to run it: README.md, "Container image").
+image: bootstrap
+	@$(PY) packaging/container/build.py
 
 bootstrap:
 	@scripts/bootstrap

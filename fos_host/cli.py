@@ -1,19 +1,23 @@
 """fos-host: the command line.
 
     fos-host exec [options] -- CMD ARG...    run CMD in a sandbox, exit with its status
-    fos-host demo [--once] [--tabs N]        a dozen tabs on a built-in origin server, live
+    fos-host demo [--once] [--tabs N] [--json]   a dozen tabs on a built-in origin server, live
     fos-host demo --sandbox-report           sandbox a workload, print its isolation report
     fos-host doctor [--json]                 what this machine's kernel allows, and fixes
-    fos-host seccomp dump PROFILE            the compiled filter, readable (PFC)
+    fos-host seccomp dump [--json] PROFILE   the compiled filter, readable (PFC); or as data
     fos-host bench spawn [--json]            spawn latency and memory against peers
     fos-host bench ipc [--json]              IPC round trips and transfers against peers
     fos-host bench tabs [--json]             open-tab latency and memory of 200 tabs
     fos-host bench lifecycle [--json]        freeze, hibernate, restore; pressure to action
     fos-host run [--socket PATH] [options]   the daemon: a host and its control socket
+        [--dashboard ADDR:PORT] [--metrics ADDR:PORT]   its web page, JSON and Prometheus metrics
     fos-host ctl [--json] open URL | list …  control a running host
     fos-host ctl events [--no-follow]        its lifecycle events, as JSON lines
     fos-host top [--once] [--json]           its tabs, tiers, memory and pressure, live
 
+    fos-host --version                       the version, where it runs from, which Python
+
+Every command's --help ends with examples; every command that reports has --json.
 Every error is one line on stderr; bad flags, policies and missing kernel features exit 2.
 """
 
@@ -23,12 +27,16 @@ import argparse
 import json
 import logging
 import os
+import platform
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fos_host.errors import ConfigError, FosError
+
+if TYPE_CHECKING:
+    from fos_host.host.dashboard import WebServer
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,12 +44,48 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
+def _version() -> str:
+    """The version, the directory the package runs from and the interpreter: tells a
+    checkout, a venv and the single-file binary's extraction (packaging/binary/) apart."""
+    import fos_host
+
+    where = Path(fos_host.__file__).resolve().parent
+    text = f"fos-host {fos_host.__version__} ({where}; Python {platform.python_version()}, "
+    return (text + f"{sys.executable})").replace("%", "%%")  # argparse %-formats it
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fos-host", description="The process host of the fOS browser.")
+    p = _Parser(
+        prog="fos-host",
+        description="The process host of the fOS browser.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples (each command's --help has more):\n"
+        "  fos-host doctor                # what this machine allows\n"
+        "  fos-host demo                  # tabs in sandboxed renderers, live\n"
+        "  fos-host exec -- /bin/echo hi  # one command in a sandbox\n"
+        "  fos-host --version",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    p.add_argument(
+        "--version",
+        action="version",
+        version=_version(),
+        help="print the version, where it runs from and the Python, then exit",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    ex = sub.add_parser("exec", help="run a command in a sandbox")
+    ex = sub.add_parser(
+        "exec",
+        help="run a command in a sandbox",
+        description="Run CMD in a sandbox (namespaces, seccomp, no capabilities, a cgroup of its\n"
+        "own) and exit with its status; an abnormal end is one line on stderr.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fos-host exec -- /bin/echo hi\n"
+        "  fos-host exec --memory 64M --pids 64 -- python3 -c 'print(1)'\n"
+        "  fos-host exec --ro-bind /srv/data:/data --tmpfs /scratch -- ls /data\n"
+        "  fos-host exec --seccomp-learn --json -- python3 -c 'import socket'",
+    )
     ex.add_argument(
         "--profile",
         default="renderer",
@@ -82,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  fos-host demo                     # live table; Ctrl-C stops it\n"
         "  fos-host demo --once --tabs 5     # print the table once (exit 1 if a tab failed)\n"
+        "  fos-host demo --json | jq '.tabs[] | [.id, .site, .pid]'\n"
         "  fos-host demo --sandbox-report    # one sandbox seen from inside, and attacks",
     )
     demo.add_argument(
@@ -89,18 +134,53 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tabs", type=int, metavar="N", help="tabs to open (default: 12)")
     demo.add_argument(
+        "--json", action="store_true", help="print the table once, as JSON (implies --once)"
+    )
+    demo.add_argument(
         "--sandbox-report",
         action="store_true",
         help="instead: sandbox a workload, print what it can see and do, then attack from inside",
     )
 
-    doc = sub.add_parser("doctor", help="check what this machine's kernel allows")
-    doc.add_argument("--json", action="store_true")
+    doc = sub.add_parser(
+        "doctor",
+        help="check what this machine's kernel allows",
+        description="Try each feature for real (namespaces, cgroups and delegation, seccomp,\n"
+        "PSI triggers, the libraries): OK, DEGRADED or MISSING, with what to do.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  fos-host doctor\n"
+        "  fos-host doctor --json | jq '.checks[] | select(.verdict != \"OK\")'",
+    )
+    doc.add_argument("--json", action="store_true", help="the kernel and the checks as JSON")
 
-    sc = sub.add_parser("seccomp", help="seccomp policies")
+    seccomp_examples = (
+        "examples:\n"
+        "  fos-host seccomp dump renderer          # the filter as PFC, for review\n"
+        "  fos-host seccomp dump --json network | jq '.rules[].syscall'\n"
+        "  fos-host seccomp dump ./my.policy"
+    )
+    sc = sub.add_parser(
+        "seccomp",
+        help="seccomp policies",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=seccomp_examples,
+    )
     scs = sc.add_subparsers(dest="action", required=True, parser_class=_Parser)
-    dump = scs.add_parser("dump", help="print a profile's compiled filter (PFC)")
-    dump.add_argument("profile")
+    dump = scs.add_parser(
+        "dump",
+        help="print a profile's compiled filter (PFC)",
+        description="Print the filter a profile compiles to as libseccomp's pseudo filter\n"
+        "code (PFC), the format for review; --json gives the parsed policy as data.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=seccomp_examples,
+    )
+    dump.add_argument("profile", help="renderer, network, storage, or a .policy file")
+    dump.add_argument(
+        "--json",
+        action="store_true",
+        help="the policy as data: default action, and each rule's syscall, action, conditions",
+    )
 
     bench = sub.add_parser(
         "bench",
@@ -217,20 +297,32 @@ def _cmd_seccomp(a: argparse.Namespace) -> int:
     from fos_host.kernel import seccomp
     from fos_host.sandbox.seccomp_policy import load_policy
 
-    sys.stdout.write(seccomp.dump_pfc(load_policy(a.profile)))
+    policy = load_policy(a.profile)
+    if not a.json:
+        sys.stdout.write(seccomp.dump_pfc(policy))
+        return 0
+    rules = [
+        {"syscall": r.syscall, "action": r.action, "conditions": [c._asdict() for c in r.conds]}
+        for r in policy.rules
+    ]
+    data = {"name": policy.name, "file": str(policy.path), "digest": policy.digest,
+            "default": policy.default, "rules": rules}  # fmt: skip
+    print(json.dumps(data, indent=2))
     return 0
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     if a.sandbox_report:
-        if a.once or a.tabs is not None:
-            raise ConfigError("--once and --tabs are options of the tab demo, not --sandbox-report")
+        if a.once or a.tabs is not None or a.json:
+            raise ConfigError(
+                "--once, --tabs and --json are options of the tab demo, not --sandbox-report"
+            )
         from fos_host.sandbox_report import run_sandbox_report
 
         return run_sandbox_report()
     from fos_host.demo import run_demo
 
-    return run_demo(tabs=a.tabs, once=a.once)
+    return run_demo(tabs=a.tabs, once=a.once, as_json=a.json)
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
@@ -295,6 +387,7 @@ def _add_host_commands(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  fos-host run\n"
+        "  fos-host run --dashboard 127.0.0.1:8090    # then open http://127.0.0.1:8090/\n"
         "  fos-host run --socket /tmp/fos/control.sock --profile /tmp/fos-profile \\\n"
         "      --resolve news.fos.test=127.0.0.1:8080 --resolve-only --renderer-memory 64M",
     )
@@ -332,6 +425,21 @@ def _add_host_commands(sub: Any) -> None:
         default=[],
         metavar="UID",
         help="let this uid use the control socket too (the host's uid and root always may)",
+    )
+    run.add_argument(
+        "--dashboard",
+        metavar="ADDR:PORT",
+        help="serve the dashboard page, its JSON and /metrics over HTTP (e.g. 127.0.0.1:8090; "
+        "port 0: any free one, printed on stderr)",
+    )
+    run.add_argument(
+        "--metrics", metavar="ADDR:PORT", help="serve only Prometheus /metrics over HTTP"
+    )
+    run.add_argument(
+        "--dashboard-public",
+        action="store_true",
+        help="let --dashboard and --metrics bind a non-loopback address (they show the user's "
+        "sites and URLs to anyone who connects)",
     )
 
     common = argparse.ArgumentParser(add_help=False)  # before or after the action
@@ -447,12 +555,34 @@ def _cmd_run(a: argparse.Namespace) -> int:
             raise ConfigError(f"--viewport {a.viewport}: give WIDTHxHEIGHT, each 1-{MAX_VIEWPORT}")
         config.viewport = (int(w), int(h))
 
+    web = _web_servers(a)
+
     def ready(path: Path) -> None:
+        for w in web:
+            shown = f"dashboard {w.url}" if w.dashboard else f"metrics {w.url}metrics"
+            print(f"fos-host: {shown}", file=sys.stderr, flush=True)
         print(f"fos-host: ready, control socket {path}", file=sys.stderr, flush=True)
 
     path = a.socket or default_socket_path()
-    asyncio.run(run_host(config, path, a.allow_uid, ready))
+    asyncio.run(run_host(config, path, a.allow_uid, ready, web))
     return 0
+
+
+def _web_servers(a: argparse.Namespace) -> list[WebServer]:
+    """The HTTP servers of `run --dashboard` and `--metrics` (host/dashboard.py), unbound."""
+    from fos_host.host.dashboard import WebServer, parse_address
+
+    if a.dashboard_public and not (a.dashboard or a.metrics):
+        raise ConfigError("--dashboard-public without --dashboard or --metrics")
+    web = []
+    for flag, text, dashboard in (("--dashboard", a.dashboard, True),
+                                  ("--metrics", a.metrics, False)):  # fmt: skip
+        if text is not None:
+            address = parse_address(text, flag, a.dashboard_public)
+            web.append(WebServer(address, flag, dashboard=dashboard, public=a.dashboard_public))
+    if len(web) == 2 and web[0].address == web[1].address and web[0].address.port:
+        raise ConfigError(f"--metrics {a.metrics}: --dashboard serves /metrics there already")
+    return web
 
 
 def _cmd_ctl(a: argparse.Namespace) -> int:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -98,23 +99,26 @@ class Totals:
         )
 
 
-def run_demo(tabs: int | None = None, once: bool = False) -> int:
+def run_demo(tabs: int | None = None, once: bool = False, as_json: bool = False) -> int:
     """Run the demo with `tabs` tabs (None: DEFAULT_TABS); see the module docstring. 0 when
     it ends by a signal or, with --once or no terminal, when every tab loaded; 1 when a tab
-    did not."""
+    did not. `as_json` (implies `once`): the table as JSON, each tab's `TabView` with the URL
+    it was opened with, and the totals."""
     tabs = DEFAULT_TABS if tabs is None else tabs
     if not 1 <= tabs <= MAX_TABS:
         raise ConfigError(f"--tabs wants 1 to {MAX_TABS} tabs, not {tabs}")
     console = stdout_console()
     urls = list(itertools.islice(itertools.cycle(PAGES), tabs))
-    return asyncio.run(_Demo(urls, console, live=console.is_terminal and not once).run())
+    live = console.is_terminal and not once and not as_json
+    return asyncio.run(_Demo(urls, console, live, as_json).run())
 
 
 class _Demo:
-    def __init__(self, urls: list[str], console: Console, live: bool) -> None:
+    def __init__(self, urls: list[str], console: Console, live: bool, as_json: bool) -> None:
         self.urls = urls
         self.console = console
         self.live = live
+        self.as_json = as_json
         self.plain = not console.is_terminal
         self.stopping = asyncio.Event()
         self.stopped_by: signal.Signals | None = None
@@ -181,7 +185,10 @@ class _Demo:
             if self.live:
                 await self._show_live(host)
                 return True
-            self.console.print(self._view(host))
+            if self.as_json:
+                print(json.dumps(self._data(host), indent=2))
+            else:
+                self.console.print(self._view(host))
             return opened and all(i.state == "ready" for i in host.infos())
 
     def _closing(self, host: Host) -> None:
@@ -237,6 +244,12 @@ class _Demo:
         if self.live:
             lines.append(Text("Ctrl-C stops the demo and shuts everything down", style="dim"))
         return Group(*lines)
+
+    def _data(self, host: Host) -> dict[str, object]:
+        """What the table shows, as JSON-ready data (`--json`)."""
+        infos = sorted(host.infos(), key=lambda i: i.id)
+        tabs = [asdict(i) | {"opened": self.opened.get(i.id, i.url)} for i in infos]
+        return {"tabs": tabs, "totals": asdict(Totals.of(host, infos))}
 
     def _row(self, i: TabView) -> Row:
         """One tab's cells by column. A redirected tab shows where it started: after its URL

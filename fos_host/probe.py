@@ -117,6 +117,7 @@ def report() -> dict[str, object]:
         "rlimit_core": resource.getrlimit(resource.RLIMIT_CORE),
         "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
         "sid_is_self": os.getsid(0) == os.getpid(),
+        "writes_bytecode": not sys.dont_write_bytecode,
     }
 
 

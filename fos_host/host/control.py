@@ -30,7 +30,7 @@ import signal
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +50,7 @@ from fos_host.ipc.channel import Channel, ChannelClosed
 from fos_host.ipc.interface import Endpoint
 
 if TYPE_CHECKING:  # the client (fos-host ctl) imports this module without the host's code
+    from fos_host.host.dashboard import WebServer
     from fos_host.host.host import Host, HostConfig
 
 log = logging.getLogger(__name__)
@@ -353,12 +354,17 @@ async def run_host(
     path: Path,
     allow_uids: Iterable[int] = (),
     on_ready: Callable[[Path], None] = lambda path: None,
+    web: Sequence[WebServer] = (),
 ) -> None:
     """Serve a Host on the control socket at `path` until SIGTERM or SIGINT, then close both:
     every sandbox ends, every cgroup and the socket file are removed. `on_ready` is called
-    once the host is up and the socket accepts."""
+    once the host is up and the socket accepts; so is systemd, when it started the host
+    (host/systemd.py). The `web` servers (--dashboard, --metrics: host/dashboard.py) are bound
+    with the socket and serve from just before `on_ready`."""
     from fos_host.host.host import Host
+    from fos_host.host.systemd import Notifier
 
+    notifier = Notifier.from_environ()  # before the zygote forks: no child sees NOTIFY_SOCKET
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -366,14 +372,25 @@ async def run_host(
     server = ControlServer(path, allow_uids)
     try:
         server.bind()  # first: a second host on this socket fails before it spawns anything
+        for w in web:  # --dashboard, --metrics: a port in use fails before the host starts too
+            w.bind()
         async with Host(config) as host:
-            server.start(ControlService(host))
+            service = ControlService(host)
+            server.start(service)
+            for w in web:
+                await w.start(host)
             on_ready(path)
-            await stop.wait()
+            async with notifier.serving(service.status):  # READY=1 ... STOPPING=1
+                await stop.wait()
             log.info("stopping (signal)")
             server.close()  # no control calls into a closing host
+            for w in web:
+                await w.close()
     finally:
         server.close()
+        for w in web:
+            await w.close()
+        notifier.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 

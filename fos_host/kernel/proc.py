@@ -9,6 +9,7 @@ them and reads their exit status), `pidfd_open`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import resource
 import signal
@@ -42,6 +43,29 @@ def stat_fields(pid: int | str = "self") -> list[str] | None:
     except OSError:
         return None
     return stat[stat.rindex(b")") + 2 :].decode("ascii", "replace").split()
+
+
+_ENV_START, _ENV_END = 50, 51  # fields of /proc/<pid>/stat: where exec put the environment
+
+
+def environ_area() -> tuple[int, int] | None:
+    """(start, end) of the memory exec put this process's environment in — what
+    `/proc/<pid>/environ` shows, and what every child forked without exec inherits — or None
+    where the kernel does not say."""
+    fields = stat_fields()
+    if fields is None or len(fields) <= _ENV_END - 3:
+        return None
+    return int(fields[_ENV_START - 3]), int(fields[_ENV_END - 3])
+
+
+def wipe_environ_area() -> None:
+    """Overwrite that memory with NULs. A sandbox forked from the host (through the zygote)
+    would otherwise carry the host's whole starting environment — secrets included — readable
+    by the workload in its own memory. Only once nothing points into it any more:
+    `os.environ.clear()` unsetenv()s every variable."""
+    area = environ_area()
+    if area is not None and area[1] > area[0]:
+        ctypes.memset(area[0], 0, area[1] - area[0])
 
 
 def starttime(pid: int) -> int | None:

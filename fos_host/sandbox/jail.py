@@ -30,9 +30,14 @@ PROFILES = ("renderer", "network", "storage", "none")
 
 def python_prefixes() -> list[str]:
     """The interpreter trees a Python workload of this host needs: the base interpreter,
-    the venv, and the source tree of fos_host itself (an editable install points there)."""
-    pkg = str(Path(__file__).resolve().parent.parent)
-    return sorted({sys.base_prefix, sys.prefix, pkg})
+    the venv, and the fos_host package itself (an editable install points into a checkout).
+    A package that sits in a site-packages directory outside those prefixes — the
+    single-file binary's extraction (packaging/binary/build.py), a `pip install --target` —
+    brings its dependencies beside it: then that whole directory."""
+    pkg = Path(__file__).resolve().parent.parent
+    if pkg.parent.name in ("site-packages", "dist-packages"):
+        pkg = pkg.parent
+    return sorted({sys.base_prefix, sys.prefix, str(pkg)})
 
 
 @dataclass

@@ -339,8 +339,13 @@ def _enter_workload(order: Order, status: socket.socket) -> None:
     proc.reset_signals_for_python()
     proc.set_name("fos-" + order.entry.partition(":")[0].rpartition(".")[2])
     _fresh_stdio()
+    # Forked, not exec'd: the flag is the launcher's, whatever PYTHONDONTWRITEBYTECODE the
+    # order names. The trees are read-only here and seccomp kills mkdir, so an import of a
+    # module without a current .pyc must not try to write one.
+    sys.dont_write_bytecode = True
     os.environ.clear()
     os.environ.update(order.env)
+    proc.wipe_environ_area()  # the host's environment, inherited through the fork
     module, _, func = order.entry.partition(":")
     target = getattr(importlib.import_module(module), func)
     status.close()  # EOF: set-up is done

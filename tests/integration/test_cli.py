@@ -150,6 +150,16 @@ def test_seccomp_dump_is_readable_pfc() -> None:
     assert "pseudo filter code" in r.stdout and "action KILL_PROCESS" in r.stdout
 
 
+def test_seccomp_dump_json_is_the_policy_as_data() -> None:
+    r = fos("seccomp", "dump", "--json", "renderer")
+    assert r.returncode == 0, r.stderr
+    policy = json.loads(r.stdout)
+    assert (policy["name"], policy["default"]) == ("renderer", "kill")
+    # a renderer may make unix sockets only: socket(AF_UNIX, ...), argument 0 masked to 32 bits
+    (socket,) = [rule for rule in policy["rules"] if rule["syscall"] == "socket"]
+    assert socket["conditions"] == [{"arg": 0, "mask": 0xFFFFFFFF, "value": 1}]
+
+
 HOST_SCRIPT = """
 import os, sys
 from fos_host.sandbox.jail import Jail

@@ -24,6 +24,17 @@ def spawner() -> Iterator[Spawner]:
         yield sp
 
 
+def test_a_python_workload_never_writes_bytecode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its trees are read-only and seccomp kills mkdir: a host started without
+    PYTHONDONTWRITEBYTECODE (a systemd unit, the single-file binary) must not pass its
+    sys.dont_write_bytecode of False on to the sandboxes its zygote forks."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    with Spawner(zygote=True) as sp:
+        out, status = run_probe(sp, Jail("renderer"), "report")
+    assert status.code == 0, status.describe()
+    assert json.loads(out)["writes_bytecode"] is False
+
+
 @pytest.mark.parametrize("exec_path", [False, True], ids=["zygote", "exec"])
 def test_isolation_report(
     spawner: Spawner, exec_path: bool, monkeypatch: pytest.MonkeyPatch

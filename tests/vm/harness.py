@@ -60,8 +60,13 @@ DEFAULT_SELECTION = HERE / "selection.txt"
 LAYOUTS = ("v2", "hybrid", "v1")  # guest.sh mounts the one named by fos.cgroup=
 
 
+STARTED = time.monotonic()
+
+
 def log(msg: str) -> None:
-    print(f"[vm] {msg}", flush=True)
+    """A step, stamped with the seconds since the harness started: the build and each boot
+    take minutes under TCG, and the stamps show where they go."""
+    print(f"[vm {time.monotonic() - STARTED:5.0f} s] {msg}", flush=True)
 
 
 def run(*argv: str | Path, **kw: object) -> str:
@@ -351,6 +356,8 @@ def boot(build_dir: Path, work: Path, layout: str, run_dir: Path, timeout: float
         p.wait()
     for who, lines in doctor.items():
         (run_dir / f"doctor-vm-{who}.json").write_text("\n".join(lines) + "\n")
+    took = timeout - (deadline - time.monotonic())
+    log(f"{layout}: the VM reported exit {rc} after {took:.0f} s")
     return 1 if rc is None else rc
 
 
