@@ -572,11 +572,11 @@ class Host:
         status = service.sandbox.poll()
         assert status is not None
         service.endpoint.close()
-        log.error("the %s service (pid %d) %s; restarting it", service.name, service.sandbox.pid,
-                  status.describe())  # fmt: skip
         self._services.pop(service.name, None)
         if self._closing:  # the spawner closes it, and nothing is restarted
             return
+        log.error("the %s service (pid %d) %s; restarting it", service.name, service.sandbox.pid,
+                  status.describe())  # fmt: skip
         self._background(self._run(service.sandbox.close))
         start = self._start_network if service.name == "network" else self._start_storage
         self._background(start())
