@@ -189,6 +189,10 @@ def build_rootfs(wheels: Path, tmp: Path, apt_cache: Path) -> Path:
     argv: list[str | Path] = [
         "mmdebstrap", "--mode=root", "--variant=essential", "--format=tar", "--quiet",
         f"--include={','.join(DEBIAN_PACKAGES)}", "--skip=essential/unlink",
+        # no /dev in the image: the runtime mounts its own there, and device nodes in a layer
+        # make loading the image need mknod, which a devices cgroup may deny even to root
+        # (podman load: "ApplyLayer ... operation not permitted")
+        "--skip=output/dev",
         # merged /usr by symlinks, as debootstrap makes it, instead of the usrmerge package
         # (which would pull in perl: +60 MB)
         "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
