@@ -67,7 +67,7 @@ from fos_host.bench import (
 from fos_host.bench_hog import HELD, MEMORY_FILESYSTEMS, Hog, fstype, write_file
 from fos_host.bench_tabs import settle
 from fos_host.errors import ConfigError, FosError
-from fos_host.host.host import Host, HostConfig, Tab, TabState
+from fos_host.host.host import Host, HostConfig, Subscription, Tab, TabState
 from fos_host.host.lifecycle import Action
 from fos_host.host.pressure import Level, PressureConfig
 from fos_host.interfaces.control import Event
@@ -90,6 +90,7 @@ BACKGROUND_TABS = 3  # in the pressure host, besides the active one
 BUDGET_ROOM = 24 << 20  # the budget leaves the hog's file this much room
 ONSET_TIMEOUT = 20.0  # seconds from the hog's onset to the first action
 CALM_TIMEOUT = 30.0  # seconds for the level to fall back to NONE once the hog is gone
+BENCH_FREEZER = "fos-bench-"  # + pid: the v1 freezer cgroup of the freeze samples
 QUIET = 2.5  # seconds without stall before the next onset: a PSI window and a bit
 EXIT_TIMEOUT = 10.0
 PRESSURE = PressureConfig(dwell=1.0, interval=0.25)
@@ -188,7 +189,13 @@ class Stoppable:
         own = detect().own_dir("freezer")
         if own is None:
             return None
-        d = own / f"fos-bench-{os.getpid()}"
+        # a killed run's dir: the host's stale cleanup does not look at v1 freezer dirs
+        for old in own.glob(f"{BENCH_FREEZER}*"):
+            pid = old.name.removeprefix(BENCH_FREEZER)
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(OSError):  # still holding a process: kept
+                    old.rmdir()
+        d = own / f"{BENCH_FREEZER}{os.getpid()}"
         d.mkdir()
         self._stack.callback(d.rmdir)
         return V1Cgroup(d.name, {"freezer": d})
@@ -366,13 +373,13 @@ class Onsets:
     error: str = ""
 
 
-async def _next_event(queue: asyncio.Queue[Event], deadline: float, tab: bool) -> Event:
+async def _next_event(sub: Subscription, deadline: float, tab: bool) -> Event:
     """The next event of a tab (`tab`) or of the level, before `deadline` (monotonic)."""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
-        event = await asyncio.wait_for(queue.get(), left)
+        event = await asyncio.wait_for(sub.next(), left)
         if (event.tab is not None) is tab:
             return event
 
@@ -404,14 +411,14 @@ async def _onset(host: Host, file: Path, into: Onsets) -> None:
         raise BenchError(f"cgroup {parent.name}: no memory usage to squeeze")
     parent.set_limits(Limits(memory_max=use.working_set + HELD + BUDGET_ROOM))
     cg = host.cgroups.create("bench-hog")
-    queue = host.subscribe()
+    sub = host.subscribe()
     try:
         with Hog(cg, file) as hog:
             deadline = hog.onset + ONSET_TIMEOUT
             try:
-                await _next_event(queue, deadline, tab=False)
+                await _next_event(sub, deadline, tab=False)
                 into.level_s.append(time.monotonic() - hog.onset)
-                action = await _next_event(queue, deadline, tab=True)
+                action = await _next_event(sub, deadline, tab=True)
                 into.action_s.append(time.monotonic() - hog.onset)
             except TimeoutError:
                 raise BenchError(
@@ -420,7 +427,7 @@ async def _onset(host: Host, file: Path, into: Onsets) -> None:
                 ) from None
             into.actions.append(f"{action.action} ({action.tier})")
     finally:
-        host.unsubscribe(queue)
+        host.unsubscribe(sub)
         cg.remove()
 
 

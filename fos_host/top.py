@@ -175,7 +175,7 @@ async def _events(path: Path, follow: bool) -> None:
             for event in await control.recent_events(0):
                 _print_line(event)
             return
-        async for event in control.events():  # ends only when the host goes away
+        async for event in control.events():  # ends with an error: host gone, or dropped
             _print_line(event)
 
 

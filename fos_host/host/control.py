@@ -132,14 +132,16 @@ class ControlService:
 
     async def events(self) -> AsyncIterator[Event]:
         host = self._host
-        queue = host.subscribe()
+        sub = host.subscribe()
         try:
             for event in list(host.events):
                 yield event
             while True:
-                yield await queue.get()
+                with _translated():
+                    event = await sub.next()
+                yield event
         finally:
-            host.unsubscribe(queue)
+            host.unsubscribe(sub)
 
     async def step(self, tab: int, action: str) -> TabView:
         from fos_host.host.lifecycle import Action

@@ -224,6 +224,29 @@ class Tab:
         return self.active or self.pinned or self.unsaved or self.state is TabState.LOADING
 
 
+class Dropped(FosError):
+    """The reader of a `Subscription` fell too far behind and was dropped."""
+
+
+@dataclass(eq=False)  # compared and hashed by identity: the host keeps a set of them
+class Subscription:
+    """Lifecycle events from the moment of `Host.subscribe`, in order, until dropped."""
+
+    queue: asyncio.Queue[Event | None] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=EVENT_QUEUE + 1)  # + 1: the end mark
+    )
+
+    async def next(self) -> Event:
+        """The next event; `Dropped` after the last one a reader that fell behind was given."""
+        event = await self.queue.get()
+        if event is None:
+            raise Dropped(
+                f"this event reader fell {EVENT_QUEUE} events behind and was dropped "
+                f"(the host keeps the last {EVENTS_KEPT}: read them again from there)"
+            )
+        return event
+
+
 class Service:
     """A service sandbox and the proxy to what it offers."""
 
@@ -261,7 +284,7 @@ class Host:
         self.monitor: PressureMonitor | None = None
         self.monitor_error = "not started"  # why there is no monitor, when there is none
         self.events: deque[Event] = deque(maxlen=EVENTS_KEPT)
-        self._subscribers: set[asyncio.Queue[Event]] = set()
+        self._subscribers: set[Subscription] = set()
         self._wake = asyncio.Event()
 
     # -- start and stop ------------------------------------------------------------------------
@@ -878,24 +901,26 @@ class Host:
             level=self.level().value,
         )
         self.events.append(event)
-        for queue in list(self._subscribers):
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:  # a reader that stopped reading: it is dropped
-                log.warning("an event subscriber fell %d events behind: dropped", EVENT_QUEUE)
-                self._subscribers.discard(queue)
+        for sub in list(self._subscribers):
+            if sub.queue.qsize() < EVENT_QUEUE:
+                sub.queue.put_nowait(event)
+                continue
+            # a reader that stopped reading: dropped, and told so after what it has
+            log.warning("an event subscriber fell %d events behind: dropped", EVENT_QUEUE)
+            self._subscribers.discard(sub)
+            sub.queue.put_nowait(None)
         log.info("tab %s: %s (%s) in %.1f ms%s", event.tab, action, why, event.ms,
                  f", {freed} bytes freed" if freed is not None else "")  # fmt: skip
         return event
 
-    def subscribe(self) -> asyncio.Queue[Event]:
-        """A queue that gets every lifecycle event from now on; `unsubscribe` it when done."""
-        queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=EVENT_QUEUE)
-        self._subscribers.add(queue)
-        return queue
+    def subscribe(self) -> Subscription:
+        """Every lifecycle event from now on; `unsubscribe` it when done."""
+        sub = Subscription()
+        self._subscribers.add(sub)
+        return sub
 
-    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
-        self._subscribers.discard(queue)
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
 
     def _tabs_of(self, proc: RendererProc) -> list[Tab]:
         return [t for t in self.tabs.values() if t.renderer is proc]

@@ -1,6 +1,7 @@
 """The lifecycle benchmark runs end to end (its quick variant: one sample of every page, one
 pressure onset with a real hog), its JSON report has every figure, the table shows them, and
-it leaves no fd or child behind (nor a cgroup: conftest checks).
+it leaves no fd or child behind (nor a cgroup: conftest checks), and removes the v1 freezer
+cgroup that a killed run left.
 
 No timing is asserted: this machine is noisy and the figures are for people to read. That the
 memory came back and the pressure led to an action is: those are what the figures stand on.
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
 from fos_host.bench_lifecycle import (
+    BENCH_FREEZER,
     OPTIONAL,
     PAGES,
     QUICK_ONSETS,
@@ -22,6 +25,7 @@ from fos_host.bench_lifecycle import (
     run_lifecycle_bench,
 )
 from fos_host.kernel import proc
+from fos_host.kernel.cgroup import detect
 from fos_host.kernel.fds import open_fd_count
 
 pytestmark = pytest.mark.skipif(
@@ -33,6 +37,12 @@ STATS = {"p50", "p90", "min", "max"}
 
 def test_lifecycle_bench_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
     fds, children = open_fd_count(), set(proc.children())
+    freezer = detect().own_dir("freezer")
+    if freezer is not None:  # as a SIGKILLed run leaves it: named after a pid no longer alive
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        stale = freezer / f"{BENCH_FREEZER}{gone.pid}"
+        stale.mkdir()
 
     code = run_lifecycle_bench(quick=True, as_json=True)
     report = json.loads(capsys.readouterr().out)
@@ -70,3 +80,5 @@ def test_lifecycle_bench_quick_json(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert open_fd_count() == fds
     assert set(proc.children()) == children
+    if freezer is not None:
+        assert not stale.exists()
