@@ -37,7 +37,6 @@ import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
 import platform
-import select
 import shutil
 import signal
 import socket
@@ -54,6 +53,7 @@ from typing import Any
 
 from fos_host.errors import ConfigError, FosError
 from fos_host.kernel import proc, seccomp
+from fos_host.kernel.fds import readable
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import Spawner
 from fos_host.sandbox.seccomp_policy import load_policy
@@ -93,7 +93,7 @@ def real_python() -> tuple[str, str]:
 
 
 def _first_byte(fd: int, what: str) -> None:
-    if not select.select([fd], [], [], READ_TIMEOUT)[0]:
+    if not readable([fd], READ_TIMEOUT):
         raise BenchError(f"{what}: no byte within {READ_TIMEOUT:g} s")
     if os.read(fd, 1) != b"!":
         raise BenchError(f"{what}: ended without writing its byte")
@@ -125,7 +125,7 @@ def reap_orphans(comm: str) -> None:
         except ProcessLookupError:
             continue
         try:
-            if not select.select([fd], [], [], 1.0)[0]:
+            if not readable([fd], 1.0):
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)

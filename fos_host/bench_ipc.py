@@ -50,7 +50,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import select
 import signal
 import socket
 import statistics
@@ -69,6 +68,7 @@ from fos_host.interfaces.bench import IpcBench
 from fos_host.ipc.channel import Channel
 from fos_host.ipc.interface import Endpoint
 from fos_host.ipc.wire import Shared
+from fos_host.kernel.fds import readable
 
 SIZES = (64, 4096)  # round-trip argument sizes, bytes
 TRANSFER = 64 * MIB
@@ -195,7 +195,7 @@ def _reap(pid: int) -> int:
     """Wait for a server to exit (SIGKILL after REAP_TIMEOUT); its wait status."""
     fd = os.pidfd_open(pid)
     try:
-        if not select.select([fd], [], [], REAP_TIMEOUT)[0]:
+        if not readable([fd], REAP_TIMEOUT):
             signal.pidfd_send_signal(fd, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     finally:

@@ -18,7 +18,6 @@ import json
 import os
 import pwd
 import re
-import select
 import shutil
 import signal
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from fos_host.errors import StepError
 from fos_host.kernel import libc
 from fos_host.kernel import namespaces as ns
+from fos_host.kernel.fds import readable
 
 
 class Verdict(Enum):
@@ -108,7 +108,7 @@ def _in_child(body: Callable[[], str], timeout: float = _CHILD_TIMEOUT) -> tuple
                 timed_out = True
                 os.kill(pid, signal.SIGKILL)
                 break
-            ready, _, _ = select.select([rfd], [], [], left)
+            ready = readable([rfd], left)
             if ready:
                 data = os.read(rfd, 4096)
                 if not data:

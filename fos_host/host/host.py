@@ -87,6 +87,7 @@ from fos_host.ipc.channel import Channel, ChannelClosed
 from fos_host.ipc.interface import CallTimeout, Endpoint, Interface, RemoteError
 from fos_host.ipc.wire import Memfd, Socket
 from fos_host.kernel.cgroup import Budget, HostCgroups, load_budget, load_tiers
+from fos_host.kernel.proc import raise_nofile
 from fos_host.renderer.paint import frame_size, to_png
 from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import UID_BASE, UID_COUNT, ExitStatus, Sandbox, Spawner
@@ -302,6 +303,7 @@ class Host:
 
     async def start(self) -> None:
         """Zygote, services, warm renderers: returns when all are up."""
+        raise_nofile()  # several fds per renderer (sandboxes set their own limit)
         spawner = Spawner(zygote=True, pool=self.config.spare_sandboxes, preload=RENDERER_PRELOAD)
         self._spawner = await self._run(spawner.__enter__)
         if self.config.spare_sandboxes:

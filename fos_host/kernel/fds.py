@@ -3,16 +3,20 @@
 Child half: `install_fds` moves the passed fds onto their target numbers (3, 4, … or as
 asked) and closes every other fd; the kept ones lose FD_CLOEXEC so they survive an exec.
 Host half: `send_fds` / `recv_fds` with SCM_RIGHTS over a SEQPACKET socket, `fd_kind` (what
-a received fd really is, for the IPC layer's typed handles), and `open_fd_count` for leak
-checks.
+a received fd really is, for the IPC layer's typed handles), `open_fd_count` for leak
+checks, and `readable`: waiting on fds with poll(2) (select(2) takes no fd above 1023, and a
+host with a few hundred renderers has more).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
+import select
 import socket
+from collections.abc import Sequence
 
 from fos_host.errors import StepError
 
@@ -33,6 +37,16 @@ def install_fds(mapping: dict[int, int], keep_cloexec: tuple[int, ...] = ()) -> 
         if fd not in keep:
             with contextlib.suppress(OSError):  # the listing's own fd is already gone
                 os.close(fd)
+
+
+def readable(fds: Sequence[int], timeout: float | None) -> list[int]:
+    """Those of `fds` that are readable, hung up or in error within `timeout` seconds (None:
+    until one is), as select(2) would say, without its limit of fd 1023."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [fd for fd, _ in poller.poll(ms)]
 
 
 def _open_fds() -> list[int]:

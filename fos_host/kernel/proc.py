@@ -3,7 +3,7 @@
 Child half: `set_rlimits` (no core dumps, bounded open files), `die_with_parent`,
 `new_session` (so `kill(0, …)` inside cannot reach the host's process group).
 Host half: `become_subreaper` (orphaned sandboxes are reparented to the host, which reaps
-them and reads their exit status), `pidfd_open`.
+them and reads their exit status), `pidfd_open`, `raise_nofile`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ def set_rlimits(nofile: int = NOFILE) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
     except (OSError, ValueError) as e:
         raise StepError("setrlimit", getattr(e, "errno", 0) or 0, str(e)) from e
+
+
+def raise_nofile() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, and return it: a host holds
+    several fds per renderer, and the soft default (often 1024) exists only for programs that
+    use select(2), which this one does not (systemd.exec(5) gives the same advice)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def set_name(name: str) -> None:

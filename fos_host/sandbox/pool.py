@@ -20,7 +20,6 @@ import contextlib
 import copy
 import logging
 import os
-import select
 import signal
 import socket
 from collections import deque
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 
 from fos_host.errors import FosError
 from fos_host.kernel.cgroup import Cgroup
+from fos_host.kernel.fds import readable
 from fos_host.kernel.namespaces import IdMap
 from fos_host.sandbox.spawn import LaunchError, Plan
 from fos_host.sandbox.zygote import Zygote
@@ -45,7 +45,7 @@ class Spare:
 
     def alive(self) -> bool:
         """A spare that died reads EOF on its order channel; a live one sends nothing."""
-        return not select.select([self.sock], [], [], 0)[0]
+        return not readable([self.sock.fileno()], 0)
 
     def discard(self) -> None:
         """Kill and reap it and remove its cgroup."""

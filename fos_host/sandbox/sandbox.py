@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import select
 import signal
 from dataclasses import asdict, dataclass
 from types import TracebackType
@@ -25,6 +24,7 @@ from fos_host.closing import Closing
 from fos_host.errors import ConfigError, FosError
 from fos_host.kernel import cgroup, proc, seccomp
 from fos_host.kernel.cgroup import Cgroup, HostCgroups, Limits
+from fos_host.kernel.fds import readable
 from fos_host.kernel.mounts import Bind, check_binds, python_runtime_binds
 from fos_host.kernel.namespaces import IdMap
 from fos_host.sandbox.jail import Jail, python_prefixes
@@ -94,7 +94,7 @@ class Sandbox(Closing):
     def poll(self) -> ExitStatus | None:
         if self._status is None:
             self._serve_learner(0)
-            if select.select([self.pidfd], [], [], 0)[0]:
+            if readable([self.pidfd], 0):
                 self._reap()
         return self._status
 
@@ -111,7 +111,7 @@ class Sandbox(Closing):
 
     def _serve_learner(self, timeout: float | None) -> list[int]:
         watch = [self.pidfd] + ([self.learner.fileno()] if self.learner else [])
-        ready = select.select(watch, [], [], timeout)[0]
+        ready = readable(watch, timeout)
         if self.learner and self.learner.fileno() in ready:
             self.learner.handle_one()
         return ready

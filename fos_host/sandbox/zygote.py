@@ -17,7 +17,6 @@ import gc
 import importlib
 import json
 import os
-import select
 import signal
 import socket
 
@@ -81,7 +80,7 @@ class Zygote:
 
     def has_result(self) -> bool:
         """A reply is waiting (`result()` will not block)."""
-        return bool(select.select([self._sock], [], [], 0)[0])
+        return bool(kfds.readable([self._sock.fileno()], 0))
 
     def close(self) -> None:
         self._sock.close()

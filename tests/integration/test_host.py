@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import resource
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -273,6 +274,22 @@ def test_a_dead_service_is_restarted(tmp_path: Path) -> None:
             ready(await host.open(SHOP))
 
     run(body(), timeout=120)
+
+
+def test_the_host_raises_its_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """Several fds per renderer: at the usual soft limit of 1024 a host with ~150 renderers
+    would fail with EMFILE (the sandboxes set their own limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+
+    async def body() -> None:
+        async with browser(tmp_path):
+            assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+
+    try:
+        run(body(), timeout=120)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_bad_urls_leave_no_tab(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 from collections.abc import Iterator
 
@@ -16,6 +17,9 @@ from fos_host.sandbox.jail import Jail
 from fos_host.sandbox.sandbox import Spawner
 
 ROOT = os.geteuid() == 0
+
+
+HIGH_FD = 1100  # above select(2)'s FD_SETSIZE (1024)
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +125,29 @@ def test_forking_past_the_pids_limit_fails(spawner: Spawner) -> None:
     out, status = run_probe(spawner, Jail("renderer").pids(8), "fork", "20")
     assert status.code == 0, status.describe()
     assert 1 <= int(out) < 8
+
+
+def test_a_host_holding_over_1023_fds_runs_and_waits_for_sandboxes(spawner: Spawner) -> None:
+    """A host with a few hundred renderers holds more fds than select(2) can take (it raised
+    "filedescriptor out of range in select()" when such a host closed)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < HIGH_FD + 64:
+        pytest.skip(f"RLIMIT_NOFILE's hard limit {hard} is below {HIGH_FD + 64}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, HIGH_FD + 64), hard))
+    filler: list[int] = []
+    try:
+        while not filler or filler[-1] < HIGH_FD:  # the sandbox's fds come above these
+            filler.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        pidfds: list[int] = []
+        out, status = run_probe(
+            spawner, Jail("renderer"), "alloc", "1", started=lambda sb: pidfds.append(sb.pidfd)
+        )
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert pidfds[0] > HIGH_FD
+    assert (status.code, out.strip()) == (0, "allocated"), status.describe()
 
 
 def test_seccomp_kill_names_the_syscall(spawner: Spawner) -> None:
