@@ -15,9 +15,10 @@ Steps, each printed with its time on stderr:
      temporary vfs directory (no mounts), removed afterwards.
 
 The result is build/image/<key>/fos-host.oci.tar, where the key hashes every input (this
-script, the project's sources and data files, the pinned dependency versions); a second run
-with the same inputs does nothing. Its path is the only thing printed on stdout. The .debs are
-kept in build/image/apt-cache/ so that a rebuild downloads only what changed.
+script and packaging/buildkit.py, the project's sources and data files, the pinned dependency
+versions); a second run with the same inputs does nothing. Its path is the only thing printed
+on stdout. The .debs are kept in build/image/apt-cache/ so that a rebuild downloads only what
+changed.
 Needs root (mmdebstrap's root mode, buildah) and the Debian packages mmdebstrap and buildah.
 """
 
@@ -25,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import importlib.metadata
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +36,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+# run by path, so packaging/ (buildkit's folder) is not on sys.path by itself
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import buildkit
+from buildkit import REPO, BuildError, run
+
 BUILD = REPO / "build" / "image"
 SUITE = "bookworm"
 MIRRORS = (
@@ -68,92 +69,22 @@ NEEDED_TOOLS = ("mmdebstrap", "buildah")
 BUILDAH_LEFTOVERS = (Path("/var/lib/containers"), Path("/var/lib/containers/cache"))
 
 
-class BuildError(Exception):
-    """A step failed; the message says which and why."""
-
-
-def log(msg: str) -> None:
-    print(f"[image] {msg}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def step(number: int, total: int, what: str) -> Iterator[None]:
-    log(f"{number}/{total} {what} ...")
-    t0 = time.monotonic()
-    yield
-    log(f"{number}/{total} {what}: done in {time.monotonic() - t0:.1f} s")
-
-
-def run(*argv: str | Path, cwd: Path | None = None) -> str:
-    """Run a command with no stdin and return its stdout; raise with its stderr on failure."""
-    cmd = [str(a) for a in argv]
-    cp = subprocess.run(cmd, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    if cp.returncode != 0:
-        raise BuildError(f"{' '.join(cmd)} failed (exit {cp.returncode}):\n{cp.stderr.strip()}")
-    return cp.stdout
-
-
-# -- inputs and the cache key ------------------------------------------------------------
-
-
-def source_files() -> list[Path]:
-    """The tracked and untracked-but-not-ignored files that go into the image."""
-    out = run("git", "ls-files", "-co", "--exclude-standard", "--", *SOURCES, cwd=REPO)
-    return sorted(REPO / rel for rel in out.splitlines() if (REPO / rel).is_file())
-
-
-def pinned_requirements() -> str:
-    """fos-host's dependencies, recursively, at the versions installed here (the tested ones).
-
-    Read from the running interpreter, which `make image` makes the venv's.
-    """
-    pins: dict[str, str] = {}
-    todo = ["fos-host"]
-    while todo:
-        name = todo.pop()
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError as e:
-            raise BuildError(f"{name} is not installed here: run scripts/bootstrap") from e
-        for req in dist.requires or []:
-            if "extra ==" in req:
-                continue
-            dep = re.match(r"[A-Za-z0-9._-]+", req)
-            canon = re.sub(r"[-_.]+", "-", dep.group(0)).lower() if dep else ""
-            if not canon or canon in pins:
-                continue
-            try:
-                pins[canon] = importlib.metadata.version(canon)
-            except importlib.metadata.PackageNotFoundError:
-                continue  # excluded by its marker on this Python (3.11, the image's too)
-            todo.append(canon)
-    return "".join(f"{n}=={v}\n" for n, v in sorted(pins.items()))
-
-
-def cache_key(files: list[Path], pins: str) -> str:
-    h = hashlib.sha256()
-    h.update(Path(__file__).read_bytes())
-    h.update(pins.encode())
-    for f in files:
-        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+log = buildkit.Log("[image]", sys.stderr, steps=3)
 
 
 # -- the steps ---------------------------------------------------------------------------
 
 
-def build_wheels(files: list[Path], pins: str, tmp: Path) -> Path:
+def build_wheels(files: list[Path], pins: list[str], tmp: Path) -> Path:
     """fos-host's wheel and every dependency's, in tmp/wheels."""
     src = tmp / "src"
-    for f in files:
-        dst = src / f.relative_to(REPO)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dst)
+    for name in SOURCES:
+        buildkit.copy_inputs(files, name, src / name)
     # pyproject names README.md as the long description; the image does not need ours (and
     # its edits would otherwise change nothing but the cache key)
     (src / "README.md").write_text("fos-host: the process host of the fOS browser.\n")
     constraints = tmp / "constraints.txt"
-    constraints.write_text(pins)
+    constraints.write_text("\n".join(pins) + "\n")
     wheels = tmp / "wheels"
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-input",
         "--disable-pip-version-check", "--wheel-dir", wheels,
@@ -161,13 +92,13 @@ def build_wheels(files: list[Path], pins: str, tmp: Path) -> Path:
     return wheels
 
 
-def build_rootfs(wheels: Path, tmp: Path, apt_cache: Path) -> Path:
+def build_rootfs(files: list[Path], wheels: Path, tmp: Path, apt_cache: Path) -> Path:
     """mmdebstrap's root tree with fos-host installed, as a tar."""
     stage = tmp / "stage"  # copied into the tree at /tmp/fos by a hook
     stage.mkdir()
     shutil.copytree(wheels, stage / "wheels")
     for d in DATA:
-        shutil.copytree(REPO / d, stage / "data" / d)
+        buildkit.copy_inputs(files, d, stage / "data" / d)
     apt_cache.mkdir(parents=True, exist_ok=True)
     rootfs = tmp / "rootfs.tar"
     # the chroot gets a clean environment: none of this machine's PIP_* or PYTHON* settings
@@ -202,12 +133,8 @@ def build_rootfs(wheels: Path, tmp: Path, apt_cache: Path) -> Path:
         *(f"--customize-hook={h}" for h in hooks),
         SUITE, rootfs, *MIRRORS,
     ]  # fmt: skip
-    # its hooks are chatty: shown only when it fails
-    cp = subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True,
-                        text=True)  # fmt: skip
-    if cp.returncode != 0:
-        tail = "\n".join((cp.stdout + cp.stderr).strip().splitlines()[-30:])
-        raise BuildError(f"mmdebstrap failed (exit {cp.returncode}):\n{tail}")
+    # its hooks are chatty: their output is shown only when it fails, and only its end
+    run(*argv, tail=30)
     return rootfs
 
 
@@ -246,19 +173,18 @@ def build_image(rootfs: Path, tmp: Path, key: str, archive: Path) -> None:
         raise
 
 
-def build(key: str, files: list[Path], pins: str) -> Path:
+def build(key: str, files: list[Path], pins: list[str]) -> Path:
     out = BUILD / key
     archive = out / ARCHIVE
-    total = 3
     t0 = time.monotonic()
     BUILD.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"{key}.", dir=BUILD) as tmp_name:
         tmp = Path(tmp_name)
-        with step(1, total, "wheels (fos-host and its pinned dependencies)"):
+        with log.step(1, "wheels (fos-host and its pinned dependencies)"):
             wheels = build_wheels(files, pins, tmp)
-        with step(2, total, f"root tree (mmdebstrap {SUITE}: {', '.join(DEBIAN_PACKAGES)})"):
-            rootfs = build_rootfs(wheels, tmp, BUILD / "apt-cache")
-        with step(3, total, "OCI image (buildah from scratch, add, config, commit)"):
+        with log.step(2, f"root tree (mmdebstrap {SUITE}: {', '.join(DEBIAN_PACKAGES)})"):
+            rootfs = build_rootfs(files, wheels, tmp, BUILD / "apt-cache")
+        with log.step(3, "OCI image (buildah from scratch, add, config, commit)"):
             staged = tmp / "out"
             staged.mkdir()
             # buildah keeps a blob-info cache in /var/lib/containers whatever --root says
@@ -295,16 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"missing {', '.join(missing)}: apt-get install {' '.join(missing)}"
                 " (scripts/bootstrap installs them)"
             )
-        files = source_files()
-        pins = pinned_requirements()
-        key = cache_key(files, pins)
+        pins = buildkit.runtime_pins()
+        files, key = buildkit.inputs(Path(__file__), SOURCES, *pins)
         archive = BUILD / key / ARCHIVE
         if archive.exists() and not a.force:
             log(f"{IMAGE_NAME}:{key} is cached: {archive.relative_to(REPO)}")
         else:
             archive = build(key, files, pins)
     except BuildError as e:
-        log(f"error: {e}")
+        log.error(e)
         return 1
     print(archive)
     return 0
