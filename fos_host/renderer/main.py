@@ -36,6 +36,13 @@ from fos_host.renderer.paint import frame_size
 CHANNEL_FD = 3
 FIRST_VIEW_FD, FRAME_FD = 4, 5  # with --view WxH: a first view, ready at start
 HOST_CALL_TIMEOUT = 120.0  # the host bounds fetches itself (and answers within its bound)
+WARM_ROUNDS = 10  # of `warm_up`: Python 3.11 quickens a function's code after 8 calls
+WARM_URL, WARM_VIEWPORT, WARM_SCROLL = "http://warm-up.invalid/", (320, 240), 40
+WARM_PAGE = b"""<!doctype html><title>warm-up</title><h1>Warm-up</h1>
+<p>Text, <b>bold</b> and <a href="/link">a link</a>, long enough to wrap at this width.</p>
+<ul><li>one<li>two</ul><pre>pre
+formatted</pre><form><input name=q value=v> <input type=checkbox name=c checked>
+<select name=s><option value=1>One</select><textarea name=t>x</textarea></form>"""
 
 
 def origin_of(url: str) -> str:
@@ -234,3 +241,38 @@ def main(*argv: str) -> int:
     also a first view on fd 4 whose frame is the memfd on fd 5 (no round trips to set up)."""
     asyncio.run(serve(CHANNEL_FD, first_view=first_view(argv)))
     return 0
+
+
+def warm_up() -> None:
+    """For the zygote, before it forks (RENDERER_PRELOAD): a renderer's start run in-process
+    WARM_ROUNDS times — its event loop, the process channel, a view with a frame, a page
+    restored, scrolled and painted — so that what the interpreter writes on a first run
+    (Python 3.11 rewrites a function's code as it warms up; caches fill) is written once, in
+    the zygote's copy-on-write memory, and not again in each renderer's private memory."""
+    snapshot = Page.load(WARM_URL, WARM_PAGE * 4, WARM_VIEWPORT).snapshot()  # taller: scrolls
+    for _ in range(WARM_ROUNDS):
+        asyncio.run(_warm_once(snapshot))
+
+
+async def _warm_once(snapshot: bytes) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    view_ours, view_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    renderer = asyncio.get_running_loop().create_task(serve(theirs.detach()))
+    host = Endpoint(Channel(ours, name="warm-up"), {})
+    view = Endpoint(Channel(view_ours, name="warm-up view"), {})
+    try:
+        await host.connect()
+        process = host.proxy(RendererProcess)
+        await asyncio.gather(process.open_view(Socket(view_theirs.detach())), view.connect())
+        page = view.proxy(Renderer)
+        width, height = WARM_VIEWPORT
+        frame = os.memfd_create("fos-warm-up", os.MFD_CLOEXEC)
+        os.ftruncate(frame, frame_size(width, height))
+        await page.attach_frame(Memfd(frame), width, height)
+        await page.restore(snapshot)
+        await page.scroll(WARM_SCROLL)
+        await page.paint()
+    finally:
+        view.close()
+        host.close()
+        await renderer

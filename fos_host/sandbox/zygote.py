@@ -30,7 +30,10 @@ MAX_FDS = 64
 PRELOAD = ("json", "asyncio", "socket", "fos_host.probe")
 # What a browser host's zygote loads: the renderer and its engine, with the engine's lazy
 # loads done ("module:function" entries are called after the import).
-RENDERER_PRELOAD = (*PRELOAD, "fos_host.renderer.main", "fos_host.renderer.page:preload")
+RENDERER_PRELOAD = (
+    *PRELOAD, "fos_host.renderer.main", "fos_host.renderer.page:preload",
+    "fos_host.renderer.main:warm_up",
+)  # fmt: skip
 
 
 class Zygote:

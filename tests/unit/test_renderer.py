@@ -538,3 +538,19 @@ def test_preload_leaves_nothing_to_load_in_the_sandbox() -> None:
         timeout=60,
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_the_zygote_warm_up_leaves_no_fd_or_thread_behind() -> None:
+    """`warm_up` runs in the zygote before it forks: what it opens must be closed (a renderer
+    would inherit it) and it must not start a thread (forking a threaded process is unsafe)."""
+    import threading
+
+    from fos_host.renderer.main import warm_up
+    from fos_host.sandbox.zygote import RENDERER_PRELOAD
+
+    assert "fos_host.renderer.main:warm_up" in RENDERER_PRELOAD
+    fds = sorted(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    warm_up()
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    assert threading.active_count() == threads
