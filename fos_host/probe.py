@@ -10,6 +10,9 @@ tests, the demo and the benchmark (as crun's test `init`).
     python -m fos_host.probe grow              write one byte; for each line "MB" on stdin touch
                                                MB MiB more (kept) and write "+"; then sleep
     python -m fos_host.probe family N          fork N children that sleep, write one byte, sleep
+    python -m fos_host.probe find-in-memory PREFIX LEN SHA256
+                                               how many LEN-byte runs of its own memory start
+                                               with PREFIX and hash to SHA256
 
 Kept to the standard library and ctypes: it runs under the renderer seccomp profile.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import resource
@@ -374,6 +378,28 @@ def hostile_renderer(*argv: str) -> int:
     return 0
 
 
+def find_in_memory(prefix: bytes, length: int, digest: str) -> int:
+    """How many `length`-byte runs of this process's own heap and anonymous memory start with
+    `prefix` and have the sha256 `digest`: whether a secret is here, without ever holding the
+    secret. Read directly, as code running here could (a sandbox is not dumpable, so
+    /proc/self/mem is refused); file mappings are left out (one past its file's end faults)."""
+    found = 0
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            path = fields[5] if len(fields) > 5 else ""
+            if not fields[1].startswith("r") or path not in ("", "[heap]", "[stack]"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            data = ctypes.string_at(start, end - start)
+            at = data.find(prefix)
+            while at >= 0:
+                if hashlib.sha256(data[at : at + length]).hexdigest() == digest:
+                    found += 1
+                at = data.find(prefix, at + 1)
+    return found
+
+
 def main(*argv: str) -> int:
     args = list(argv) or sys.argv[1:]
     cmd, rest = (args[0], args[1:]) if args else ("report", [])
@@ -400,6 +426,9 @@ def main(*argv: str) -> int:
         grow()
     elif cmd == "family":
         family(int(rest[0]))
+    elif cmd == "find-in-memory":
+        prefix, length, digest = rest
+        out.write(f"{find_in_memory(prefix.encode(), int(length), digest)}\n")
     elif cmd == "ipc":
         serve_ipc(int(rest[0]) if rest else 3)
     else:

@@ -1,8 +1,9 @@
 """The zygote: a long-lived, single-threaded, preloaded process that forks every sandbox.
 
-Children are never exec'd for Python workloads: they start with the interpreter and the
-preloaded modules already in memory, shared copy-on-write (`gc.freeze()` before forking keeps
-the collector from touching — and so copying — the inherited objects).
+The zygote itself is exec'd, a fresh interpreter, so no memory of the process that starts it
+reaches a sandbox. Its children are never exec'd for Python workloads: they start with the
+interpreter and the preloaded modules already in memory, shared copy-on-write (`gc.freeze()`
+before forking keeps the collector from touching — and so copying — the inherited objects).
 
 Wire: one SEQPACKET socketpair. Request = a `Plan` as JSON with the fds to pass
 (SCM_RIGHTS). Reply = JSON {"pid": G} or {"error": why, "pid": G-or-null}, plus the seccomp
@@ -19,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import sys
 
 from fos_host.errors import FosError
 from fos_host.kernel import fds as kfds
@@ -26,6 +28,13 @@ from fos_host.kernel import proc
 from fos_host.sandbox.spawn import Launched, LaunchError, Plan, launch
 
 MAX_REQUEST = 1 << 20
+ZYGOTE_FD = 3  # the zygote's end of its socketpair, in the zygote
+ZYGOTE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+# run by `python -I -B -c BOOT PATH_JSON HOST_PID PRELOAD...`: the host's sys.path, the zygote
+BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from fos_host.sandbox.zygote import main; main()"
+)
 MAX_FDS = 64
 PRELOAD = ("json", "asyncio", "socket", "fos_host.probe")
 # What a browser host's zygote loads: the renderer and its engine, with the engine's lazy
@@ -45,15 +54,27 @@ class Zygote:
 
     @classmethod
     def start(cls, preload: tuple[str, ...] = PRELOAD) -> Zygote:
+        """Exec a fresh interpreter as the zygote (not a fork of this process): nothing of
+        this process's memory — its heap, its environment, whatever it has read — is copied
+        into the sandboxes, and the zygote starts single-threaded whatever this process is.
+        It imports from this process's sys.path, so a venv, an editable install or a shiv
+        binary all work; -I keeps the PYTHON* variables and the user's site out, -B bytecode."""
         host_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            try:
-                host_end.close()
-                _serve(zygote_end, preload)
-            finally:
-                os._exit(1)
-        zygote_end.close()
+        argv = [sys.executable, "-I", "-B", "-c", BOOT, json.dumps(sys.path), str(os.getpid()),
+                *preload]  # fmt: skip
+        env = dict(ZYGOTE_ENV)
+        if "FOS_HOST_DATA" in os.environ:  # where the policies are (fos_host/paths.py)
+            env["FOS_HOST_DATA"] = os.environ["FOS_HOST_DATA"]
+        try:
+            pid = os.posix_spawn(
+                sys.executable, argv, env,
+                file_actions=[(os.POSIX_SPAWN_DUP2, zygote_end.fileno(), ZYGOTE_FD)],
+            )  # fmt: skip
+        except BaseException:
+            host_end.close()
+            raise
+        finally:
+            zygote_end.close()
         return cls(pid, host_end)
 
     def launch(self, plan: Plan, pass_fds: list[int]) -> Launched:
@@ -91,8 +112,16 @@ class Zygote:
             os.waitpid(self.pid, 0)
 
 
-def _serve(sock: socket.socket, preload: tuple[str, ...]) -> None:
+def main() -> None:
+    """The zygote's entry (BOOT runs it): its socket on ZYGOTE_FD; argv: the host's sys.path
+    (read by BOOT), the host's pid, the preload."""
     proc.die_with_parent()
+    if os.getppid() != int(sys.argv[2]):  # the host died before the line above: nobody to serve
+        return
+    _serve(socket.socket(fileno=ZYGOTE_FD), tuple(sys.argv[3:]))
+
+
+def _serve(sock: socket.socket, preload: tuple[str, ...]) -> None:
     proc.set_name("fos-zygote")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the host's to handle
     kfds.install_fds({}, (sock.fileno(),))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -19,6 +20,8 @@ from fos_host.sandbox.sandbox import Spawner
 ROOT = os.geteuid() == 0
 
 
+SECRET_PREFIX = b"fos-test-secret:"
+SECRET = SECRET_PREFIX + os.urandom(24).hex().encode()  # in this process before any spawner
 HIGH_FD = 1100  # above select(2)'s FD_SETSIZE (1024)
 
 
@@ -148,6 +151,20 @@ def test_a_host_holding_over_1023_fds_runs_and_waits_for_sandboxes(spawner: Spaw
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert pidfds[0] > HIGH_FD
     assert (status.code, out.strip()) == (0, "allocated"), status.describe()
+
+
+def test_a_sandbox_holds_no_copy_of_the_launching_process_memory(spawner: Spawner) -> None:
+    """An attack from inside: a renderer reads its own memory for a secret that this process
+    held before the spawner started (SECRET, made at import). The zygote is exec'd afresh, so
+    none of the launcher's memory (its heap, its environment, what it read) is copied into the
+    sandboxes; a zygote forked from this process carried it into every one."""
+    digest = hashlib.sha256(SECRET).hexdigest()
+    out, status = run_probe(
+        spawner, Jail("renderer"), "find-in-memory", SECRET_PREFIX.decode(), str(len(SECRET)),
+        digest,
+    )  # fmt: skip
+    assert status.code == 0, status.describe()
+    assert out.strip() == "0"
 
 
 def test_seccomp_kill_names_the_syscall(spawner: Spawner) -> None:
