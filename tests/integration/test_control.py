@@ -54,11 +54,14 @@ def descendants(pid: int) -> set[int]:
 
 @contextlib.contextmanager
 def pidfds(pids: Iterable[int]) -> Iterator[dict[int, int]]:
-    """{pidfd: pid}: a pidfd names a process for good (a pid may be reused)."""
+    """{pidfd: pid} of those of `pids` still running: a pidfd names a process for good (a pid
+    may be reused). One that ended since it was listed is left out: a spawn's middle process
+    (M, which exits once its child is pid 1 of the new namespace) lives for milliseconds."""
     fds: dict[int, int] = {}
     try:
         for pid in pids:
-            fds[os.pidfd_open(pid)] = pid
+            with contextlib.suppress(ProcessLookupError):
+                fds[os.pidfd_open(pid)] = pid
         yield fds
     finally:
         for fd in fds:
@@ -285,6 +288,7 @@ def test_sigkill_of_the_host_leaves_nothing_behind(tmp_path: Path, origin: dict[
         own = [p for p in fos_cgroups() if p.name.startswith(f"fos.{d.pid}.")]
         assert own, "the host made its cgroup directories"
         with pidfds(family) as fds:
+            assert renderers <= set(fds.values()), "the renderers are watched"
             d.kill()
             assert not still_running(fds, 5), "every process of the host died with it"
         assert stat.S_ISSOCK(os.lstat(sock).st_mode), "its socket file is left..."
