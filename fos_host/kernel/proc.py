@@ -29,13 +29,12 @@ def set_rlimits(nofile: int = NOFILE) -> None:
         raise StepError("setrlimit", getattr(e, "errno", 0) or 0, str(e)) from e
 
 
-def raise_nofile() -> int:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit, and return it: a host holds
-    several fds per renderer, and the soft default (often 1024) exists only for programs that
-    use select(2), which this one does not (systemd.exec(5) gives the same advice)."""
+def raise_nofile() -> None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit: a host holds several fds per
+    renderer, and the soft default (often 1024) exists only for programs that use select(2),
+    which this one does not (systemd.exec(5) gives the same advice)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
 
 
 def set_name(name: str) -> None:
